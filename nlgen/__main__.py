@@ -1,0 +1,3 @@
+from nlgen.cli.app import main
+
+main()

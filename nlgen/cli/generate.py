@@ -1,0 +1,218 @@
+"""``nlgen generate``: prompts in, continuations out."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Annotated, Optional
+
+import typer
+
+from nlgen.cli.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    SeedOpt,
+    TrustRemoteCodeOpt,
+    VerboseOpt,
+)
+from nlgen.cli.runtime import guard
+from nlgen.errors import UsageError
+
+SAMPLING = "Sampling (GenerationConfig)"
+IO = "Input and output"
+MODEL = "Model"
+
+FORMATS = ("text", "jsonl")
+
+
+@guard
+def generate(
+    prompts: Annotated[Optional[list[str]], typer.Argument(
+        help="Prompts. None: read --file, or stdin when it is piped.", show_default=False)] = None,
+    file: Annotated[Optional[str], typer.Option(
+        "--file", "-f", help="Read prompts from FILE, one a line ('-' is stdin).",
+        rich_help_panel=IO)] = None,
+    whole: Annotated[bool, typer.Option(
+        "--whole", help="Take the whole input as one prompt, not one a line.",
+        rich_help_panel=IO)] = False,
+    fmt: Annotated[str, typer.Option(
+        "--format", help="text, or jsonl (one object per sequence).", rich_help_panel=IO)] = "text",
+    completion_only: Annotated[bool, typer.Option(
+        "--completion-only", help="Print only the continuation, not the prompt.",
+        rich_help_panel=IO)] = False,
+    separator: Annotated[str, typer.Option(
+        "--separator", help="Line printed between outputs in text format when there are several.",
+        rich_help_panel=IO)] = "---",
+    null: Annotated[bool, typer.Option(
+        "--null", "-0", help="Text format: end each output with NUL instead (for xargs -0).",
+        rich_help_panel=IO)] = False,
+    stream: Annotated[Optional[bool], typer.Option(
+        "--stream/--no-stream", help="Print tokens as they come (default: one prompt, on a "
+        "terminal).", show_default=False, rich_help_panel=IO)] = None,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="Use the model's chat template: the prompt is the user turn; prints the "
+        "reply.", rich_help_panel=IO)] = False,
+    no_truncate: Annotated[bool, typer.Option(
+        "--no-truncate", help="Fail on a prompt longer than the context instead of cutting its "
+        "start.", rich_help_panel=IO)] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", "-n", help="Tokens to generate [default: 50].", show_default=False,
+        rich_help_panel=SAMPLING)] = None,
+    max_length: Annotated[Optional[int], typer.Option(
+        "--max-length", help="Total tokens, prompt included (instead of -n).",
+        rich_help_panel=SAMPLING)] = None,
+    min_new_tokens: Annotated[Optional[int], typer.Option(
+        "--min-new-tokens", rich_help_panel=SAMPLING)] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        "--temperature", "-t", rich_help_panel=SAMPLING)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", rich_help_panel=SAMPLING)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", rich_help_panel=SAMPLING)] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", rich_help_panel=SAMPLING)] = None,
+    typical_p: Annotated[Optional[float], typer.Option(
+        "--typical-p", rich_help_panel=SAMPLING)] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(
+        "--repetition-penalty", rich_help_panel=SAMPLING)] = None,
+    no_repeat_ngram_size: Annotated[Optional[int], typer.Option(
+        "--no-repeat-ngram-size", rich_help_panel=SAMPLING)] = None,
+    num_beams: Annotated[Optional[int], typer.Option(
+        "--num-beams", help="Beam search with N beams.", rich_help_panel=SAMPLING)] = None,
+    num_return_sequences: Annotated[int, typer.Option(
+        "--num-return-sequences", "-N", help="Sequences per prompt.",
+        rich_help_panel=SAMPLING)] = 1,
+    greedy: Annotated[bool, typer.Option(
+        "--greedy", help="Greedy decoding (no sampling).", rich_help_panel=SAMPLING)] = False,
+    seed: SeedOpt = None,
+    max_time: Annotated[Optional[float], typer.Option(
+        "--max-time", help="Seconds per batch before generation stops.",
+        rich_help_panel=SAMPLING)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        "--stop", help="Cut the output before this string (repeatable).",
+        rich_help_panel=SAMPLING)] = None,
+    option: Annotated[Optional[list[str]], typer.Option(
+        "--option", "-o", help="Any other GenerationConfig field, KEY=VALUE (repeatable).",
+        rich_help_panel=SAMPLING)] = None,
+    batch_size: BatchSizeOpt = 8,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Generate text from prompts.
+
+    Examples:
+
+      nlgen generate "Once upon a time"
+
+      nlgen generate -n 40 --greedy --stop "." "The meaning of life is"
+
+      cat prompts.txt | nlgen generate --format jsonl | jq -r .completion
+
+      nlgen generate --model builtin --chat "Write a haiku about the sea"
+    """
+    from nlgen import generation, models, output
+
+    if fmt not in FORMATS:
+        raise UsageError(f"invalid --format {fmt!r}", hint="use text or jsonl")
+    models.check_device_spec(device)
+    models.check_dtype_spec(dtype)
+    opts = generation.GenerationOptions(
+        max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        num_beams=num_beams, num_return_sequences=num_return_sequences, greedy=greedy,
+        seed=seed, max_time=max_time, stop=tuple(stop or ()),
+        extra=generation.parse_extra_options(option or ()), batch_size=batch_size, chat=chat,
+        truncate=not no_truncate,
+    )
+    prompt_iter, single = _prompt_source(prompts, file, whole)
+    if stream is None:
+        stream = single and fmt == "text" and output.stdout_is_terminal()
+    if stream and not opts.streamable:
+        raise UsageError("--stream needs one sequence per prompt (no --num-beams or -N)")
+    prompt_iter = _non_empty(prompt_iter)
+    first = next(prompt_iter, None)
+    if first is None:
+        output.notice("no prompts in the input; nothing to generate")
+        return
+
+    lm = models.load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    show_prompt = not completion_only and not chat
+    several = not single or num_return_sequences > 1
+    stats = generation.GenerationStats()
+    on_text = None
+    if stream:
+        def on_text(piece: str) -> None:
+            output.write(piece)
+
+    if stream and show_prompt:
+        output.write(first)
+    started = time.perf_counter()
+    count = 0
+    for result in generation.generate(lm, _chain(first, prompt_iter), opts, stats=stats,
+                                      on_text=on_text if stream else None):
+        if fmt == "jsonl":
+            output.write_jsonl(_record(result, lm.name))
+            continue
+        body = result.text if show_prompt else result.completion
+        if null:
+            output.write(("" if stream else body) + "\0")
+        elif stream:
+            output.write("\n")
+        else:
+            output.write(("" if count == 0 or not several else separator + "\n") + body + "\n")
+        count += 1
+    if verbose or output.stderr_is_terminal():
+        wall = time.perf_counter() - started
+        output.notice(f"{lm.name} on {lm.device} ({lm.dtype}): {stats.new_tokens} tokens in "
+                      f"{stats.seconds:.1f} s, {stats.tokens_per_second:.1f} tokens/s "
+                      f"({stats.sequences} sequences, {wall:.1f} s in all)")
+
+
+def _prompt_source(prompts: list[str] | None, file: str | None,
+                   whole: bool) -> tuple[Iterator[str], bool]:
+    """Where prompts come from, and whether there is exactly one.
+
+    Arguments win over piped stdin; the piped input is then left unread, and we say so, because
+    silently ignoring it is the worse surprise. ``--file -`` reads stdin explicitly.
+    """
+    from nlgen import inputs, output
+
+    if prompts and file:
+        raise UsageError("give prompts as arguments or with --file, not both")
+    if prompts:
+        if inputs.stdin_has_input():
+            output.notice("prompts given as arguments; piped stdin is not read "
+                          "(use --file - to read it)")
+        if whole:
+            return iter(["\n".join(prompts)]), True
+        return iter(prompts), len(prompts) == 1
+    if file is None:
+        if inputs.stdin_is_terminal():
+            raise UsageError("no prompt given",
+                             hint='nlgen generate "Once upon a time", or pipe prompts on stdin')
+        file = inputs.STDIN
+    return inputs.iter_prompts([file], whole=whole), whole
+
+
+def _non_empty(prompts: Iterator[str]) -> Iterator[str]:
+    for prompt in prompts:
+        if prompt.strip():
+            yield prompt
+
+
+def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
+
+
+def _record(result, model_name: str) -> dict:
+    return {
+        "index": result.index, "sequence": result.sequence, "prompt": result.prompt,
+        "completion": result.completion, "text": result.text, "model": model_name,
+        "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+        "finish_reason": result.finish_reason,
+    }
+

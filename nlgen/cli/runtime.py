@@ -1,0 +1,78 @@
+"""What every command shares at run time: error mapping, Ctrl-C, closed pipes.
+
+Errors are mapped in one place to one line on stderr and a documented exit code:
+``NlgenError`` -> its own code (1 or 2), Ctrl-C -> 130, a reader that closed the pipe -> 0,
+anything unexpected -> 1 with a hint to set NLGEN_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from nlgen.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, NlgenError
+from nlgen.output import error, setup_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("NLGEN_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def silence_stdout() -> None:
+    """After a BrokenPipeError, point stdout at /dev/null so the exit flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file descriptor (CliRunner): nothing will be flushed to a pipe
+
+
+def guard(command: F) -> F:
+    """Wrap a command so that no user-facing failure ends in a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        setup_logging(verbose=bool(kwargs.get("verbose")))
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except NlgenError as exc:
+            if debug_enabled():
+                raise
+            _flush_quietly()
+            error(exc.message, exc.hint)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _flush_quietly()  # what was printed stays intact
+            error("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # The reader (head, less, ...) has what it wanted: stop quietly, successfully.
+            silence_stdout()
+            raise typer.Exit(EXIT_OK) from None
+        except Exception as exc:
+            if debug_enabled():
+                raise
+            _flush_quietly()
+            error(f"unexpected {type(exc).__name__}: {exc}",
+                  hint="this is a bug in nlgen; NLGEN_DEBUG=1 shows the traceback")
+            raise typer.Exit(EXIT_FAILURE) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _flush_quietly() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+    except (OSError, ValueError):
+        pass

