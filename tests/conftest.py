@@ -54,7 +54,10 @@ def build_tiny_gpt2(directory: Path, n_positions: int = 128, seed: int = 0) -> P
     )
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_layer=2, n_head=2,
-                        n_embd=32, bos_token_id=eos, eos_token_id=eos)
+                        n_embd=32, bos_token_id=eos, eos_token_id=eos,
+                        # Wider than GPT-2's 0.02 so that greedy outputs vary between prompts
+                        # (with tiny weights every prompt degenerates into one repeated token).
+                        initializer_range=0.3)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
     model.save_pretrained(directory)
