@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from nlgen import __version__
-from nlgen.cli import generate, models
+from nlgen.cli import generate, models, perplexity
 from nlgen.cli.runtime import silence_stdout
 
 app = typer.Typer(
@@ -42,6 +42,7 @@ def root(
 
 app.command("generate")(generate.generate)
 app.command("models")(models.models)
+app.command("perplexity")(perplexity.perplexity)
 
 
 def main() -> None:
