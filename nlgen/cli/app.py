@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from nlgen import __version__
-from nlgen.cli import generate, models, perplexity
+from nlgen.cli import finetune, generate, models, perplexity
 from nlgen.cli.runtime import silence_stdout
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ def root(
 app.command("generate")(generate.generate)
 app.command("models")(models.models)
 app.command("perplexity")(perplexity.perplexity)
+app.command("finetune")(finetune.finetune)
 
 
 def main() -> None:
