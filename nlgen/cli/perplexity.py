@@ -182,13 +182,14 @@ def _print_table(results: list[Any], model: str, method: Any) -> None:
 
     good = [r for r in results if r.ok]
     table = Table(title=f"Perplexity: {model}", title_justify="left")
-    table.add_column("input", overflow="fold")
-    for name in ("perplexity", "nll/token", "bits/byte", "word ppl", "tokens", "bytes", "words"):
-        table.add_column(name, justify="right")
+    widest = max(len(r.input.label) for r in good)
+    table.add_column("input", overflow="fold", min_width=min(widest, 32))
+    for name in ("ppl", "nll/token", "bits/byte", "word ppl", "tokens", "bytes", "words"):
+        table.add_column(name, justify="right", no_wrap=True)
 
     def row(label: str, m: Any, **style: Any) -> None:
-        table.add_row(label, f"{m.perplexity:.4f}", f"{m.nll:.5f}", f"{m.bits_per_byte:.5f}",
-                      f"{m.word_perplexity:.4f}", str(m.tokens), str(m.bytes), str(m.words),
+        table.add_row(label, _short(m.perplexity), f"{m.nll:.4f}", f"{m.bits_per_byte:.4f}",
+                      _short(m.word_perplexity), str(m.tokens), str(m.bytes), str(m.words),
                       **style)
 
     for r in good:
@@ -199,7 +200,15 @@ def _print_table(results: list[Any], model: str, method: Any) -> None:
     table.caption = (f"window {method.max_length}, stride {method.stride}, {bos}, "
                      f"{method.dtype} on {method.device}. {scoring.NORMALISATION}.")
     table.caption_justify = "left"
-    Console().print(table)
+    from nlgen.output import stdout_is_terminal
+
+    # Off a terminal rich assumes 80 columns and would crop the numbers; a file gets them all.
+    Console(width=None if stdout_is_terminal() else 160).print(table)
+
+
+def _short(x: float) -> str:
+    """A perplexity in a table cell: two decimals, or scientific when it is huge."""
+    return f"{x:.2f}" if x < 1e6 else f"{x:.3e}"
 
 
 class _Progress:
