@@ -93,7 +93,9 @@ def resolve_spec(name: str | None) -> ModelSpec:
             raise ModelError(f"GGUF file not found: {name}", hint="check the path to the .gguf file")
         return ModelSpec("gguf", name, str(path.resolve()), explicit)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        # An adapter directory (`nlgen finetune --lora --no-merge`) names its base model in
+        # adapter_config.json; transformers loads that base and applies the adapter.
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise ModelError(
                 f"{name} is a directory but holds no model (no config.json)",
                 hint="pass a directory written by save_pretrained or `nlgen finetune`",

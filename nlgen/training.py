@@ -30,6 +30,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -714,14 +715,18 @@ def _make_callback(on_event: Callable[[Event], None] | None, interrupt: _Interru
     return NlgenCallback()
 
 
-def _base_model_dir(lm) -> Path | None:
-    source = Path(lm.source)
-    return source if source.is_dir() else None
-
-
 def finetune(opts: FinetuneOptions, on_event: Callable[[Event], None] | None = None,
              command: str | None = None) -> FinetuneResult:
     """Check everything, fine-tune, and write the model directory atomically."""
+    with warnings.catch_warnings():
+        # peft and the Trainer still call transformers names deprecated for v6; not the user's.
+        warnings.filterwarnings("ignore", message=r".*will be removed in v6.*",
+                                category=FutureWarning)
+        return _finetune(opts, on_event, command)
+
+
+def _finetune(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
+              command: str | None) -> FinetuneResult:
     started = time.time()
     output = Path(opts.output_dir).expanduser() if opts.output_dir else default_output_dir(
         opts.model, opts.data)
@@ -923,7 +928,10 @@ def _wrap_lora(model, opts: FinetuneOptions):
                         lora_dropout=opts.lora_dropout,
                         target_modules=list(opts.lora_target) or None)
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # peft tells that it switched GPT-2's Conv1D layers to fan_in_fan_out: as it should.
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            return get_peft_model(model, config)
     except ValueError as exc:
         first = str(exc).strip().splitlines()[0]
         raise UsageError(f"cannot apply LoRA to this model: {first}",
@@ -943,14 +951,6 @@ def _save_output(trainer, tokenizer, lm, opts: FinetuneOptions, output: Path,
         model = model.merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if opts.lora and not opts.merge:
-        # With the base config alongside the adapter, `nlgen --model DIR` sees a model
-        # directory; transformers follows adapter_config.json to the base and applies it.
-        base = _base_model_dir(lm)
-        if base is not None and (base / "config.json").is_file():
-            shutil.copy2(base / "config.json", tmp / "config.json")
-        else:
-            lm.model.config.save_pretrained(tmp)
     runs = checkpoints / "runs"
     if runs.is_dir():  # tensorboard logs belong with the model
         shutil.move(str(runs), str(tmp / "runs"))
