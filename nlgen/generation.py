@@ -12,13 +12,14 @@ import ast
 import difflib
 import json
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from itertools import islice
 from typing import Any
 
-from nlgen.errors import InputError, UsageError
+from nlgen.errors import InputError, NlgenError, UsageError
 from nlgen.models import LoadedModel
 
 log = logging.getLogger("nlgen")
@@ -283,9 +284,16 @@ def generate(
     lm.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     batch_size = 1 if on_text else opts.batch_size
     source = enumerate(prompts)
-    while True:
-        window = [_prepare(lm, i, p, opts) for i, p in islice(source, batch_size * WINDOW_BATCHES)]
+    for raw_window, failure in _windows(source, batch_size):
+        window: list[_Prepared] = []
+        try:
+            for i, prompt in raw_window:
+                window.append(_prepare(lm, i, prompt, opts))
+        except NlgenError as exc:
+            failure = exc
         if not window:
+            if failure is not None:
+                raise failure
             return
         for item in window:
             for note in item.notes:
@@ -304,6 +312,53 @@ def generate(
             while next_index in done:
                 yield from done.pop(next_index)
                 next_index += 1
+        if failure is not None:
+            raise failure
+
+
+_END = object()
+
+
+def _windows(source: Iterator[tuple[int, str]], batch_size: int,
+             ) -> Iterator[tuple[list[tuple[int, str]], NlgenError | None]]:
+    """Group prompts into windows without waiting on a slow producer.
+
+    A reader thread pulls prompts (perhaps from a pipe that trickles) into a queue. Each window
+    takes the first prompt waiting, then whatever else has already arrived, up to
+    ``batch_size * WINDOW_BATCHES``: a fast producer fills whole batches, a slow one (a person
+    typing, a script emitting now and then) gets each prompt answered as it comes. A read error
+    (a non-UTF-8 line) ends the input after the good prompts before it are done.
+    """
+    items: queue.Queue = queue.Queue()
+
+    def reader() -> None:
+        try:
+            for item in source:
+                items.put(item)
+            items.put(_END)
+        except BaseException as exc:  # handed to the consumer, which raises it in its thread
+            items.put(exc)
+
+    threading.Thread(target=reader, daemon=True, name="nlgen-prompts").start()
+    limit = batch_size * WINDOW_BATCHES
+    while True:
+        window: list[tuple[int, str]] = []
+        item = items.get()
+        while True:
+            if item is _END or isinstance(item, BaseException):
+                failure = item if isinstance(item, NlgenError) else None
+                if isinstance(item, BaseException) and failure is None:
+                    raise item
+                yield window, failure
+                return
+            window.append(item)
+            if len(window) >= limit:
+                break
+            try:  # more already waiting, or about to be (a fast producer): take it along
+                item = items.get(timeout=0.02 if len(window) < batch_size else 0)
+            except queue.Empty:
+                break
+        yield window, None
 
 
 def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
@@ -376,7 +431,7 @@ class _StopAwareStreamer:
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.emit = emit
         self.ids: list[int] = []
-        self.sent = 0  # characters already emitted
+        self.sent = ""  # the text already emitted
         self.prompt_seen = False
         self.stopped = False
 
@@ -393,10 +448,10 @@ class _StopAwareStreamer:
             self._send(cut)
             self.stopped = True
             return
-        safe = len(text) - self.hold
-        while safe > 0 and text[safe - 1] == "\ufffd":  # a character not complete yet
-            safe -= 1
-        if safe > self.sent:
+        # Trailing U+FFFD: bytes of a character not complete yet; they may still change.
+        stable = len(text.rstrip("\ufffd"))
+        safe = stable - self.hold  # a stop string may still begin in the last `hold` chars
+        if safe > len(self.sent):
             self._send(text[:safe])
 
     def end(self) -> None:
@@ -406,6 +461,7 @@ class _StopAwareStreamer:
         self._send(completion)
 
     def _send(self, text: str) -> None:
-        if len(text) > self.sent and text.startswith(text[: self.sent]):
-            self.emit(text[self.sent:])
-            self.sent = len(text)
+        # Text once printed cannot be taken back: only ever extend what was sent.
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.emit(text[len(self.sent):])
+            self.sent = text
