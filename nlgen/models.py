@@ -1,4 +1,4 @@
-"""Model specs -> (model, tokenizer): Hub ids, local directories, .gguf files and the built-in model.
+"""Model specs -> (model, tokenizer): Hub ids, local directories, .gguf files, the built-in model.
 
 Every command loads its model through :func:`load_model`, so that the default-model fallback,
 the offline check, the GGUF conversion cache, device and dtype choice behave the same everywhere.
@@ -90,7 +90,7 @@ def resolve_spec(name: str | None) -> ModelSpec:
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
-            raise ModelError(f"GGUF file not found: {name}", hint="check the path to the .gguf file")
+            raise ModelError(f"GGUF file not found: {name}", hint="check the path to the file")
         return ModelSpec("gguf", name, str(path.resolve()), explicit)
     if path.is_dir():
         # An adapter directory (`nlgen finetune --lora --no-merge`) names its base model in
@@ -235,7 +235,8 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     if constants.HF_HUB_OFFLINE:
         return False
     url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
     result: list[bool] = []
 
     def probe() -> None:

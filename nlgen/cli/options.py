@@ -28,7 +28,9 @@ TrustRemoteCodeOpt = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Allow a Hub model to run its own Python code."),
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward pass.")]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", "-b", help="Sequences per forward pass.")
+]
 SeedOpt = Annotated[
     Optional[int], typer.Option("--seed", help="Random seed, for reproducible results.")
 ]
