@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated, Optional
 
 import typer
 
 from nlgen import __version__
 from nlgen.cli import finetune, generate, models, perplexity
-from nlgen.cli.runtime import silence_stdout
+from nlgen.cli.runtime import flush_stdout_quietly
 
 app = typer.Typer(
     name="nlgen",
@@ -52,9 +51,4 @@ def main() -> None:
         app()
     finally:
         # A reader that closed the pipe must not turn the exit-time flush into a traceback.
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            silence_stdout()
-        except (OSError, ValueError):
-            pass
+        flush_stdout_quietly()

@@ -47,11 +47,11 @@ def guard(command: F) -> F:
         except NlgenError as exc:
             if debug_enabled():
                 raise
-            _flush_quietly()
+            flush_stdout_quietly()
             error(exc.message, exc.hint)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            _flush_quietly()  # what was printed stays intact
+            flush_stdout_quietly()  # what was printed stays intact
             error("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
@@ -61,7 +61,7 @@ def guard(command: F) -> F:
         except Exception as exc:
             if debug_enabled():
                 raise
-            _flush_quietly()
+            flush_stdout_quietly()
             error(f"unexpected {type(exc).__name__}: {exc}",
                   hint="this is a bug in nlgen; NLGEN_DEBUG=1 shows the traceback")
             raise typer.Exit(EXIT_FAILURE) from None
@@ -69,7 +69,7 @@ def guard(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _flush_quietly() -> None:
+def flush_stdout_quietly() -> None:
     try:
         sys.stdout.flush()
     except BrokenPipeError:
