@@ -490,6 +490,20 @@ def load_texts(sources: list[Source], opts: FinetuneOptions):
     return ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
 
 
+def _load(sources: list[Source], opts: FinetuneOptions):
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return load_texts(sources, opts)
+    except DatasetGenerationError as exc:
+        # e.g. a jsonl field whose type changes between records: pyarrow cannot build a table.
+        cause = exc.__cause__ or exc
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise InputError(f"cannot load the data: {first}",
+                         hint="every record of a .jsonl/.csv file needs the same fields and "
+                         "types") from None
+
+
 def tokenize(ds, tokenizer, num_proc: int | None):
     """Each document's tokens followed by EOS, so that packed documents stay told apart."""
     eos = tokenizer.eos_token_id
@@ -538,7 +552,7 @@ def prepare_data(sources: list[Source], validation: list[Source], opts: Finetune
     # Worker processes cost ~1 s each to start; worth it only on a large corpus.
     num_proc = min(os.cpu_count() or 1, 8) if size > 64 << 20 else None
     with main_process_first():
-        tokens = tokenize(load_texts(sources, opts), tokenizer, num_proc)
+        tokens = tokenize(_load(sources, opts), tokenizer, num_proc)
         total = sum(tokens["length"])
         split = opts.split
         need = 2 if split > 0 else 1  # one training block, plus one for validation
@@ -562,7 +576,7 @@ def prepare_data(sources: list[Source], validation: list[Source], opts: Finetune
             parts = packed.train_test_split(test_size=n_val, seed=opts.seed, shuffle=True)
             packed, val_ds = parts["train"], parts["test"]
         elif validation:
-            vtokens = tokenize(load_texts(validation, opts), tokenizer, num_proc)
+            vtokens = tokenize(_load(validation, opts), tokenizer, num_proc)
             vtotal = sum(vtokens["length"])
             if vtotal < block_size:
                 log.warning("the validation text holds only %d tokens, less than one block of "
@@ -734,6 +748,9 @@ def _finetune(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
     checkpoints = checkpoint_dir_for(output)
 
     # 1. Inputs and the output directory, before anything heavy runs or anything is written.
+    if STDIN in (*opts.data, opts.validation_file) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("stdin ('-') reaches only one of the launched processes",
+                         hint="save the text to a file and pass the file")
     sources = check_sources(opts.data, opts.text_field)
     validation = check_sources([opts.validation_file], opts.text_field) \
         if opts.validation_file else []
@@ -884,8 +901,19 @@ def _finetune(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
         "wall_time_s": None,
     }
     main = trainer.is_world_process_zero()
+    tmp = output.with_name(f".{output.name}.partial")
+    if main and tmp.exists():
+        shutil.rmtree(tmp)  # what a crash left behind
+    trainer.accelerator.wait_for_everyone()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the Trainer turned transformers' bars back on
+    if not (opts.lora and opts.merge):
+        # Every process takes part: under FSDP or DeepSpeed the weights are gathered from all
+        # of them; the main process alone writes.
+        trainer.save_model(str(tmp))
     if main:
-        _save_output(trainer, tokenizer, lm, opts, output, record, started, checkpoints)
+        _finish_output(trainer, tokenizer, opts, output, tmp, record, started, checkpoints)
     trainer.accelerator.wait_for_everyone()
     return FinetuneResult(output, record, main)
 
@@ -938,18 +966,12 @@ def _wrap_lora(model, opts: FinetuneOptions):
                          hint="name the layers to adapt with --lora-target") from None
 
 
-def _save_output(trainer, tokenizer, lm, opts: FinetuneOptions, output: Path,
-                 record: dict[str, Any], started: float, checkpoints: Path) -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the Trainer turned transformers' bars back on
-    tmp = output.with_name(f".{output.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # what a crash left behind
-    model = trainer.model
+def _finish_output(trainer, tokenizer, opts: FinetuneOptions, output: Path, tmp: Path,
+                   record: dict[str, Any], started: float, checkpoints: Path) -> None:
     if opts.lora and opts.merge:
-        model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
+        # Merging folds B @ A into the base weights: a plain model every loader understands.
+        trainer.model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the record says it all
     tokenizer.save_pretrained(tmp)
     runs = checkpoints / "runs"
     if runs.is_dir():  # tensorboard logs belong with the model
