@@ -244,7 +244,6 @@ class _Pending:
     input: ScoreInput
     ids: list[int] = field(default_factory=list)
     windows: list[tuple[int, int, int]] = field(default_factory=list)
-    todo: int = 0  # windows not yet run
     nll_sum: float = 0.0
     error: str | None = None
     hint: str | None = None
@@ -275,7 +274,12 @@ class Scorer:
 
     def score(self, texts: Iterable[ScoreInput],
               progress: ProgressCallback | None = None) -> Iterator[TextScore]:
-        """A result per input, in input order, as soon as each is done."""
+        """A result per input, in input order.
+
+        Inputs are read a group at a time (``batch_size * 8`` texts, or as many windows): the
+        group's windows are batched together, then its results come out, so a pipeline sees
+        them while later input is still being read.
+        """
         ahead_texts = self.opts.batch_size * READ_AHEAD_TEXTS
         ahead_windows = self.opts.batch_size * READ_AHEAD_WINDOWS
         group: list[_Pending] = []
@@ -303,7 +307,6 @@ class Scorer:
                              "a perplexity needs at least 2)")
             return pending
         pending.windows = plan_windows(len(pending.ids), self.max_length, self.stride)
-        pending.todo = len(pending.windows)
         self.planned += sum(e - f for _, e, f in pending.windows)
         return pending
 
@@ -320,7 +323,6 @@ class Scorer:
             sums = self._nll_batch([(p.ids, w) for p, w in batch])
             for (p, _), s in zip(batch, sums, strict=True):
                 p.nll_sum += s
-                p.todo -= 1
             self.scored += sum(w[1] - w[2] for _, w in batch)
             if progress is not None:
                 progress(self.scored, self.planned)

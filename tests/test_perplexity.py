@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import CORPUS, run_nlgen
+
 from nlgen import scoring
 from nlgen.errors import UsageError
 from nlgen.models import LoadedModel
@@ -60,7 +60,8 @@ def disjoint(max_length: int):
 
 
 def score_one(lm, text: str, **opts) -> scoring.TextScore:
-    [result] = scoring.score_texts(lm, [scoring.ScoreInput("t", text)], scoring.ScoreOptions(**opts))
+    items = [scoring.ScoreInput("t", text)]
+    [result] = scoring.score_texts(lm, items, scoring.ScoreOptions(**opts))
     assert result.ok, result.error
     return result
 
@@ -289,7 +290,8 @@ def test_cli_json_document(cli, tiny_model, files):
                 "bytes", "words", "nll_sum", "model", "method"):
         assert key in first
     assert first["input"] == files["long"]
-    assert first["bytes"] == len(TEXT[:1500].encode()) and first["words"] == len(TEXT[:1500].split())
+    assert first["bytes"] == len(TEXT[:1500].encode())
+    assert first["words"] == len(TEXT[:1500].split())
     method = first["method"]
     assert (method["max_length"], method["stride"], method["bos"]) == (128, 64, False)
     assert method["tokens_scored"] == first["tokens"] == method["input_tokens"] - 1
