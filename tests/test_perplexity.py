@@ -284,7 +284,8 @@ def test_cli_json_document(cli, tiny_model, files):
                  "--format", "json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert set(doc) == {"model", "inputs", "total"}
+    assert set(doc) == {"model", "inputs", "failed", "total"}
+    assert doc["failed"] == []
     first = doc["inputs"][0]
     for key in ("input", "perplexity", "nll", "bits_per_byte", "word_perplexity", "tokens",
                 "bytes", "words", "nll_sum", "model", "method"):
@@ -323,10 +324,9 @@ def test_cli_per_line(cli, tiny_lm, tiny_model, files):
     result = cli("perplexity", "--model", str(tiny_model), "--per-line", files["lines"],
                  "--format", "jsonl")
     assert result.exit_code == 1  # the one-token line "x" cannot be scored
-    records = jsonl(result.stdout)
+    records = jsonl(result.stdout)  # scores only: line numbers tell where each came from
     assert [(r["line"], r["text"]) for r in records] == [
-        (1, "The fox ran into the forest."), (3, "The heron laughed at the sea."), (4, "x")]
-    assert "too short" in records[2]["error"]
+        (1, "The fox ran into the forest."), (3, "The heron laughed at the sea.")]
     alone = score_one(tiny_lm, "The heron laughed at the sea.")
     assert records[1]["nll_sum"] == pytest.approx(alone.metrics.nll_sum, rel=1e-5)
     assert "lines.txt:4: too short to score" in result.stderr
@@ -394,8 +394,8 @@ def test_cli_bad_inputs_do_not_stop_the_good_ones(cli, tiny_model, files):
                  "--format", "jsonl")
     assert result.exit_code == 1
     records = jsonl(result.stdout)
-    assert [r["input"] for r in records] == [files[n] for n in names]
-    assert ["error" in r for r in records] == [False, True, True, True, True, False]
+    assert [r["input"] for r in records] == [files["short"], files["long"]]
+    assert records[0]["tokens"] > 10 and records[1]["tokens"] > 100
     stderr = result.stderr
     assert "file not found" in stderr
     assert "not valid UTF-8 (byte 0xe9" in stderr
@@ -411,7 +411,10 @@ def test_cli_json_with_a_failure_still_totals_the_rest(cli, tiny_model, files):
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
     assert (doc["total"]["inputs"], doc["total"]["failed"]) == (1, 1)
-    assert doc["inputs"][1]["error"].startswith("file not found")
+    assert [r["input"] for r in doc["inputs"]] == [files["short"]]
+    assert doc["failed"] == [{"input": files["missing"],
+                              "error": f"file not found: {files['missing']}"}]
+    assert doc["total"]["nll_sum"] == doc["inputs"][0]["nll_sum"]
 
 
 def test_cli_in_a_real_pipeline(tiny_model):

@@ -82,9 +82,11 @@ def perplexity(
     try:
         for result in scorer.score(scoring.iter_inputs(sources, per_line=per_line),
                                    progress=bar.update if bar else None):
+            # stdout carries scores only: an error record without a perplexity would sort first
+            # in a `jq sort_by(.perplexity)` ranking. Failures go to stderr, and the exit code.
             if not result.ok:
                 output.error(result.error or "", result.hint)
-            if fmt == "jsonl":
+            elif fmt == "jsonl":
                 output.write_jsonl(_record(result, lm.name, method, per_line))
             results.append(result)
     finally:
@@ -149,9 +151,6 @@ def _record(result: Any, model: str, method: Any, per_line: bool) -> dict[str, A
     if per_line:
         record["line"] = result.input.line
         record["text"] = result.input.text
-    if not result.ok:
-        record.update(error=result.error, model=model)
-        return record
     record.update(_metrics(result.metrics))
     record["model"] = model
     record["method"] = {**method.as_dict(), "tokens_scored": result.metrics.tokens,
@@ -160,14 +159,20 @@ def _record(result: Any, model: str, method: Any, per_line: bool) -> dict[str, A
 
 
 def _document(results: list[Any], model: str, method: Any, per_line: bool) -> dict[str, Any]:
-    """--format json: every input, and the total over those scored."""
+    """--format json: the inputs scored, those that failed and why, the total of the first."""
     from nlgen import scoring
 
     good = [r for r in results if r.ok]
     summed = scoring.total(good)
+    failed = []
+    for r in results:
+        if not r.ok:
+            failed.append({"input": r.input.name, **({"line": r.input.line} if per_line else {}),
+                           "error": r.error})
     return {
         "model": model,
-        "inputs": [_record(r, model, method, per_line) for r in results],
+        "inputs": [_record(r, model, method, per_line) for r in good],
+        "failed": failed,
         "total": {**_metrics(summed), "inputs": len(good), "failed": len(results) - len(good),
                   "model": model,
                   "method": {**method.as_dict(), "tokens_scored": summed.tokens}},
