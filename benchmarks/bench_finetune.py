@@ -60,11 +60,13 @@ def group_texts(examples):
 lm = tokenized.map(group_texts, batched=True)
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=steps,
                          learning_rate=lr, seed=seed, save_strategy="no", report_to="none",
-                         logging_steps=10, disable_tqdm=True, use_cpu=True, bf16=bf16)
+                         logging_steps=10, disable_tqdm=True, use_cpu=True, bf16=bf16,
+                         include_num_input_tokens_seen="all")
 trainer = Trainer(model=model, args=args, train_dataset=lm["train"], processing_class=tokenizer,
                   data_collator=default_data_collator)
 m = trainer.train().metrics
-print(json.dumps({"train_runtime": m["train_runtime"], "blocks": len(lm["train"])}))
+print(json.dumps({"train_runtime": m["train_runtime"], "blocks": len(lm["train"]),
+                  "tokens": trainer.state.num_input_tokens_seen}))
 '''
 
 
@@ -97,9 +99,9 @@ def run_nlgen(model_dir: str, data: str, a: argparse.Namespace, env: dict[str, s
            "--precision", precision]
     _, wall, rss = measured(cmd, env)
     rec = json.loads((out / "nlgen_run.json").read_text())
-    tokens = a.max_steps * a.batch_size * a.block_size
     return {"name": f"nlgen finetune ({precision})", "train_s": rec["train_runtime_s"],
-            "tok_s": tokens / rec["train_runtime_s"], "wall_s": wall, "rss_mib": rss}
+            "tokens": rec["tokens_seen"], "tok_s": rec["tokens_seen"] / rec["train_runtime_s"],
+            "wall_s": wall, "rss_mib": rss}
 
 
 def run_clm(model_dir: str, data: str, a: argparse.Namespace, env: dict[str, str],
@@ -111,10 +113,9 @@ def run_clm(model_dir: str, data: str, a: argparse.Namespace, env: dict[str, str
            "1" if bf16 else "0"]
     proc, wall, rss = measured(cmd, env)
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    tokens = a.max_steps * a.batch_size * a.block_size
     return {"name": f"run_clm.py recipe ({'bf16' if bf16 else 'fp32'})",
-            "train_s": res["train_runtime"], "tok_s": tokens / res["train_runtime"],
-            "wall_s": wall, "rss_mib": rss}
+            "train_s": res["train_runtime"], "tokens": res["tokens"],
+            "tok_s": res["tokens"] / res["train_runtime"], "wall_s": wall, "rss_mib": rss}
 
 
 def profile_step(model_dir: str, a: argparse.Namespace, steps: int = 4) -> list[tuple[str, float]]:
@@ -174,6 +175,14 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmpdir:
         tmp = Path(tmpdir)
+        # Enough text that no run wraps into a second epoch: an epoch's last batch is short,
+        # and a short batch would make the two sides' steps unequal work.
+        text = Path(a.data).read_text(encoding="utf-8")
+        need = a.max_steps * a.batch_size * a.block_size * 6  # ~4 characters a token, and slack
+        data = tmp / Path(a.data).name
+        data.write_text("\n".join([text] * -(-need // len(text))), encoding="utf-8")
+        a.data = str(data)
+        data_bytes = data.stat().st_size
         env["HF_DATASETS_CACHE"] = str(tmp / "datasets")  # both sides tokenize from scratch
         for i in range(a.repeats):
             pair = [lambda: run_nlgen(model_dir, a.data, a, env, tmp, "fp32"),
@@ -197,16 +206,19 @@ def main() -> None:
         f"batch {a.batch_size}, {a.max_steps} steps, lr {a.learning_rate}, seed {a.seed}; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {_v('torch')}, transformers {_v('transformers')}. "
-        "Each row is a fresh process. tokens/s = steps x batch x block / Trainer train_runtime; "
+        f"The text is repeated to {data_bytes:,} bytes so that "
+        "no run wraps into a second epoch (its short last batch would make steps unequal). "
+        "Each row is a fresh process. tokens/s = tokens trained (the Trainer's "
+        "num_input_tokens_seen) / Trainer train_runtime; "
         "wall = the whole process (imports, model load, tokenization, training, saving); "
         "peak RSS = the process's max resident memory.",
         "",
-        "| run | train s | tokens/s | wall s | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|",
+        "| run | tokens | train s | tokens/s | wall s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['train_s']:.1f} | {r['tok_s']:.0f} | {r['wall_s']:.1f}"
-                     f" | {r['rss_mib']:.0f} |")
+        lines.append(f"| {r['name']} | {r['tokens']} | {r['train_s']:.1f} | {r['tok_s']:.0f} | "
+                     f"{r['wall_s']:.1f} | {r['rss_mib']:.0f} |")
     names = list(dict.fromkeys(r["name"] for r in rows))
     lines += ["", "Per side over the repeats (the machine is shared: the best run is the one "
               "least disturbed by neighbours):", "",
