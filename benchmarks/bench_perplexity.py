@@ -81,7 +81,8 @@ def main() -> None:
                         help="score the first N tokens of the text (0: all)")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--stride", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8, help="nlgen's windows per pass")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 8],
+                        help="nlgen's windows per forward pass (one row each)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -103,25 +104,28 @@ def main() -> None:
         # nlgen tokenizes the text itself: check it finds the same tokens, or the race is unfair.
         ids = lm.tokenizer(text)["input_ids"]
         input_ids = torch.tensor([ids])
-        opts = scoring.ScoreOptions(max_length=args.max_length, stride=args.stride,
-                                    batch_size=args.batch_size)
-        times: dict[str, list[float]] = {"guide": [], "nlgen": []}
+        nlgen_runs = {f"nlgen, batch {b}": scoring.ScoreOptions(
+            max_length=args.max_length, stride=args.stride, batch_size=b) for b in args.batch_size}
+        times: dict[str, list[float]] = {"guide": [], **{k: [] for k in nlgen_runs}}
+        values: dict[str, float] = {}
         for _ in range(args.repeats):
             start = time.perf_counter()
             guide_ppl, exact_ppl, covered = guide_loop(lm.model, input_ids, args.max_length,
                                                        args.stride)
             times["guide"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            [result] = scoring.score_texts(lm, [scoring.ScoreInput("bench", text)], opts)
-            times["nlgen"].append(time.perf_counter() - start)
+            for name, opts in nlgen_runs.items():
+                start = time.perf_counter()
+                [result] = scoring.score_texts(lm, [scoring.ScoreInput("bench", text)], opts)
+                times[name].append(time.perf_counter() - start)
+                values[name] = result.metrics.perplexity
         tokens = result.metrics.tokens
         assert tokens == covered, (tokens, covered)
         if reference is None:
             reference = exact_ppl
         best = {k: min(v) for k, v in times.items()}
         for name, ppl in (("guide (as written)", guide_ppl), ("guide, exact count", exact_ppl),
-                          ("nlgen", result.metrics.perplexity)):
-            method = "nlgen" if name == "nlgen" else "guide"
+                          *values.items()):
+            method = name if name in values else "guide"
             rows.append({
                 "dtype": dtype, "method": name, "tokens": tokens,
                 "seconds": best[method], "tps": tokens / best[method], "ppl": ppl,
@@ -133,7 +137,7 @@ def main() -> None:
     shown = args.text.relative_to(ROOT) if args.text.is_relative_to(ROOT) else args.text
     print(f"model {args.model}, text {shown} "
           f"({tokens + 1} tokens), window {args.max_length}, stride {args.stride}, "
-          f"nlgen batch {args.batch_size}, best of {args.repeats} interleaved runs; "
+          f"best of {args.repeats} interleaved runs; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
     print()

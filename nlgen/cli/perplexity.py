@@ -115,7 +115,8 @@ def perplexity(
 def _sources(files: list[str] | None) -> list[str]:
     """The inputs: the files given, else stdin when it is piped (a usage error otherwise).
 
-    When no file given exists, fail now rather than after loading a model for nothing.
+    When no file given exists, fail now rather than after loading a model for nothing (only
+    existence is checked: reading here would drain a FIFO such as ``<(producer)``).
     """
     from pathlib import Path
 
@@ -126,8 +127,8 @@ def _sources(files: list[str] | None) -> list[str]:
             raise UsageError("no input given",
                              hint="nlgen perplexity FILE ..., or pipe a text on stdin")
         return [inputs.STDIN]
-    if all(f != inputs.STDIN and not Path(f).is_file() for f in files):
-        inputs.read_text(files[0])  # raises the message a missing or unreadable file deserves
+    if all(f != inputs.STDIN and not Path(f).exists() for f in files):
+        inputs.read_text(files[0])  # raises the message a missing file deserves
     return files
 
 
