@@ -471,3 +471,24 @@ def test_builtin_is_deterministic_across_runs(cli, tmp_path, builtin_lm):
     assert a == b  # every digit, in another process
     in_process = score_one(builtin_lm, PROSE, max_length=64, stride=16, batch_size=8)
     assert in_process.metrics.nll_sum == a["nll_sum"]
+
+
+def test_cli_reads_a_fifo_once(cli, tiny_model, tmp_path):
+    """`nlgen perplexity <(producer)`: a FIFO is no regular file and must not be drained early."""
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def produce() -> None:
+        with open(fifo, "w", encoding="utf-8") as f:
+            f.write(SHORT)
+
+    writer = threading.Thread(target=produce, daemon=True)
+    writer.start()
+    result = cli("perplexity", "--model", str(tiny_model), str(fifo))
+    writer.join(timeout=10)
+    assert result.exit_code == 0, result.stderr
+    [record] = jsonl(result.stdout)
+    assert record["bytes"] == len(SHORT.encode())
