@@ -669,6 +669,10 @@ def _make_callback(on_event: Callable[[Event], None] | None, interrupt: _Interru
             if (opts.sample_every and state.global_step % opts.sample_every == 0
                     and state.is_world_process_zero and model is not None):
                 self._emit(Sample(state.global_step, self._sample(model)), state)
+            if state.global_step >= state.max_steps and not opts.keep_checkpoints:
+                # The Trainer checkpoints the last step (weights and optimizer: 3x the model)
+                # for a run about to save its model anyway and drop its checkpoints: skip it.
+                control.should_save = False
             if self._stop_requested(args):
                 self.stopped_at = state.global_step
                 control.should_save = True

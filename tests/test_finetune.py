@@ -324,7 +324,7 @@ def test_builtin_model_perplexity_drops_on_example_text(tmp_path):
     assert text.is_file()
     out = tmp_path / "builtin-ft"
     proc = run_nlgen("finetune", str(text), "--model", "builtin", "-o", str(out),
-                     "--block-size", "64", "--batch-size", "2", "--max-steps", "6",
+                     "--block-size", "64", "--batch-size", "2", "--max-steps", "4",
                      "--learning-rate", "1e-4", "--validation-split", "0.2", "--seed", "0")
     assert proc.returncode == 0, proc.stderr.decode()
     ppl = record(out)["validation_perplexity"]
