@@ -71,6 +71,7 @@ def main() -> None:
     # 1. --help
     helps = [wall([*nlgen, "--help"], env) for _ in range(max(5, args.repeats))]
     rows.append(("`nlgen --help` (process wall time)", f"{median(helps):.3f} s", "-", "-"))
+    print(rows[-1], file=sys.stderr, flush=True)
 
     # 2. cold process: nlgen vs the plain script (both greedy, exactly 128 new tokens)
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
@@ -84,6 +85,7 @@ def main() -> None:
     rows.append(("cold `nlgen generate -n 128` vs plain script (process wall time)",
                  f"{median(ours):.1f} s", f"{median(theirs):.1f} s",
                  f"{median(theirs) / median(ours):.2f}x faster"))
+    print(rows[-1], file=sys.stderr, flush=True)
 
     # 3. single prompt tokens/s, in process
     n = args.new_tokens
@@ -117,6 +119,7 @@ def main() -> None:
     rows.append((f"single prompt, {n} tokens: nlgen float32 vs plain transformers float32",
                  f"{median(f32):.1f} tok/s", f"{median(base):.1f} tok/s",
                  f"{median(f32) / median(base):.2f}x"))
+    print(rows[-2:], file=sys.stderr, flush=True)
 
     # 4. 32 prompts: batched vs one by one (nlgen, dtype auto, 32 new tokens each)
     prompts = [f"Story number {i}: once upon a time, in a land of {w}," for i, w in
