@@ -284,8 +284,7 @@ def converted_gguf_dir(gguf: Path) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         _quiet_transformers()
-        # The GGUF reader draws a plain tqdm bar that transformers' switch does not reach.
-        os.environ.setdefault("TQDM_DISABLE", "1")
+        _quiet_gguf_reader()
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(
@@ -306,6 +305,23 @@ def converted_gguf_dir(gguf: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _quiet_gguf_reader() -> None:
+    """transformers' GGUF reader draws a plain tqdm bar that its own switch does not reach.
+
+    We say on stderr, once, that the conversion runs; a bar of 272 tensors adds only noise (and
+    escape codes in logs). tqdm reads TQDM_DISABLE when it is imported, too early for us.
+    """
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
 
 
 # ----------------------------------------------------------------------------- loading
