@@ -763,10 +763,15 @@ def _finetune(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
     report_to = _check_report_to(opts.report_to)
 
     # 2. The model, through the same resolution as every other command (default, builtin, gguf).
-    from nlgen.models import load_model
+    from nlgen.models import BUILTIN, load_model
 
     lm = load_model(opts.model, device="cpu", dtype="float32",
                     trust_remote_code=opts.trust_remote_code, purpose="train")
+    if opts.model is None and not opts.output_dir and lm.name.startswith(BUILTIN):
+        # The default model fell back to builtin: name the output after what is trained.
+        output = default_output_dir(BUILTIN, opts.data).absolute()
+        checkpoints = checkpoint_dir_for(output)
+        resume_from = check_output(opts, output)
     context = lm.context_length
     block_size = opts.block_size or min(context, MAX_DEFAULT_BLOCK)
     if block_size > context:

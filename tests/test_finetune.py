@@ -329,3 +329,18 @@ def test_builtin_model_perplexity_drops_on_example_text(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     ppl = record(out)["validation_perplexity"]
     assert ppl["after"] < ppl["before"]
+
+
+@pytest.mark.slow
+def test_default_model_fallback_names_the_output_after_builtin(cli, tmp_path, monkeypatch):
+    """No --model, no Hub: the default falls back to builtin, and the output is named after it."""
+    data = tmp_path / "notes.txt"
+    data.write_text((ROOT / "examples" / "data" / "garden.txt").read_text(encoding="utf-8"),
+                    encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    result = cli("finetune", str(data), "--max-steps", "1", "--block-size", "32",
+                 "--batch-size", "1")
+    assert result.exit_code == 0, result.stderr
+    assert "using the built-in model" in result.stderr
+    assert (tmp_path / "builtin-notes-finetuned" / "config.json").is_file()
+    assert not (tmp_path / "gpt2-notes-finetuned").exists()
