@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from itertools import chain
 from typing import Annotated, Optional
 
 import typer
@@ -132,7 +133,6 @@ def generate(
         stream = single and fmt == "text" and output.stdout_is_terminal()
     if stream and not opts.streamable:
         raise UsageError("--stream needs one sequence per prompt (no --num-beams or -N)")
-    prompt_iter = _non_empty(prompt_iter)
     first = next(prompt_iter, None)
     if first is None:
         output.notice("no prompts in the input; nothing to generate")
@@ -151,7 +151,7 @@ def generate(
         output.write(first)
     started = time.perf_counter()
     count = 0
-    for result in generation.generate(lm, _chain(first, prompt_iter), opts, stats=stats,
+    for result in generation.generate(lm, chain([first], prompt_iter), opts, stats=stats,
                                       on_text=on_text if stream else None):
         if fmt == "jsonl":
             output.write_jsonl(_record(result, lm.name))
@@ -187,25 +187,16 @@ def _prompt_source(prompts: list[str] | None, file: str | None,
             output.notice("prompts given as arguments; piped stdin is not read "
                           "(use --file - to read it)")
         if whole:
-            return iter(["\n".join(prompts)]), True
-        return iter(prompts), len(prompts) == 1
+            text = "\n".join(prompts)
+            return iter([text] if text.strip() else []), True
+        kept = [p for p in prompts if p.strip()]  # blank prompts skipped, as blank lines are
+        return iter(kept), len(kept) == 1
     if file is None:
         if inputs.stdin_is_terminal():
             raise UsageError("no prompt given",
                              hint='nlgen generate "Once upon a time", or pipe prompts on stdin')
         file = inputs.STDIN
     return inputs.iter_prompts([file], whole=whole), whole
-
-
-def _non_empty(prompts: Iterator[str]) -> Iterator[str]:
-    for prompt in prompts:
-        if prompt.strip():
-            yield prompt
-
-
-def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
-    yield first
-    yield from rest
 
 
 def _record(result, model_name: str) -> dict:
