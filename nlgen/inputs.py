@@ -53,14 +53,22 @@ def stdin_has_input() -> bool:
     return False
 
 
+def utf8_error(where: str, raw: bytes, start: int, offset: int = 0) -> InputError:
+    """The one message for a non-UTF-8 byte: where, which byte, at which offset, what to do.
+
+    `start` indexes `raw`; `offset` is where `raw` begins in the file (for chunked readers).
+    """
+    return InputError(
+        f"{where} is not valid UTF-8 (byte 0x{raw[start]:02x} at offset {offset + start})",
+        hint="convert it first, e.g. iconv -f latin1 -t utf-8",
+    )
+
+
 def _decode(raw: bytes, where: str, first: bool) -> str:
     try:
         return raw.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{where} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
-            hint="convert it first, e.g. iconv -f latin1 -t utf-8",
-        ) from None
+        raise utf8_error(where, raw, exc.start) from None
 
 
 def _open_binary(name: str) -> BinaryIO:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from nlgen.errors import EXIT_INTERRUPTED, InputError, NlgenError, OutputError, UsageError
+from nlgen.inputs import STDIN, read_text, utf8_error
 
 log = logging.getLogger("nlgen")
 
@@ -45,7 +46,6 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")  # what a directory input contr
 MAX_DEFAULT_BLOCK = 1024
 RECORD = "nlgen_run.json"
 STATE = "nlgen_state.json"  # in the checkpoints dir: what a resumed run cannot recompute
-STDIN = "-"
 
 
 class TrainingInterrupted(NlgenError):
@@ -245,6 +245,11 @@ class Source:
     text: str | None = None  # stdin's content (it cannot be read twice)
 
 
+def launched_processes() -> int:
+    """How many processes a launcher (accelerate, torchrun) started for this run."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     """True unless this is a non-zero rank of a multi-process launch (accelerate, torchrun)."""
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") in ("0", "-1")
@@ -274,13 +279,6 @@ def _expand(name: str) -> list[tuple[str, Path | None]]:
     return [(name, path)]
 
 
-def _utf8_error(name: str, chunk: bytes, start: int, offset: int) -> InputError:
-    return InputError(
-        f"{name} is not valid UTF-8 (byte 0x{chunk[start]:02x} at offset {offset + start})",
-        hint="convert it first, e.g. iconv -f latin1 -t utf-8",
-    )
-
-
 def _scan(name: str, path: Path) -> tuple[str, int, bool]:
     """sha256, size and "holds non-blank text", reading in chunks; non-UTF-8 is an error."""
     digest = hashlib.sha256()
@@ -294,7 +292,7 @@ def _scan(name: str, path: Path) -> tuple[str, int, bool]:
                 try:
                     text = decoder.decode(chunk)
                 except UnicodeDecodeError as exc:
-                    raise _utf8_error(name, chunk, exc.start, offset) from None
+                    raise utf8_error(name, chunk, exc.start, offset) from None
                 has_text = has_text or bool(text.strip())
                 offset += len(chunk)
             try:
@@ -339,8 +337,6 @@ def check_sources(names: tuple[str, ...] | list[str], text_field: str) -> list[S
     for given in names:
         for name, path in _expand(given):
             if path is None:
-                from nlgen.inputs import read_text
-
                 raw_text = read_text(STDIN).text
                 raw = raw_text.encode("utf-8")
                 if not raw_text.strip():
@@ -752,7 +748,7 @@ def _finetune(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
     checkpoints = checkpoint_dir_for(output)
 
     # 1. Inputs and the output directory, before anything heavy runs or anything is written.
-    if STDIN in (*opts.data, opts.validation_file) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if STDIN in (*opts.data, opts.validation_file) and launched_processes() > 1:
         raise UsageError("stdin ('-') reaches only one of the launched processes",
                          hint="save the text to a file and pass the file")
     sources = check_sources(opts.data, opts.text_field)

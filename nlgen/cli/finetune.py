@@ -162,16 +162,12 @@ def finetune(
 
 def _command() -> str:
     """The command line as the user typed it (under accelerate launch: as a launch command)."""
+    from nlgen.training import launched_processes
+
     args = sys.argv[1:]
-    if training_launched():
+    if launched_processes() > 1:
         return "accelerate launch -m nlgen " + shlex.join(args)
     return "nlgen " + shlex.join(args)
-
-
-def training_launched() -> bool:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _summary(record: dict[str, Any], path: str) -> None:
