@@ -58,6 +58,7 @@ class LoadedModel:
     source: str  # the directory or Hub id the weights were read from
     device: str  # "cpu", "cuda:0", ...
     dtype: str  # "float32", "bfloat16", "float16"
+    model_id: str = ""  # the --model value actually loaded: "builtin" after the default fell back
 
     @property
     def context_length(self) -> int:
@@ -358,14 +359,13 @@ def load_model(
             log.warning("default model %r unavailable (%s); using the built-in model %s",
                         spec.name, exc.message, BUILTIN_NAME)
             spec = resolve_spec(BUILTIN)
-            spec = ModelSpec(spec.kind, spec.name, spec.path, explicit=False)
     if spec.kind in ("builtin", "gguf"):
         directory = converted_gguf_dir(Path(spec.path))
         display = f"builtin ({BUILTIN_NAME})" if spec.kind == "builtin" else spec.name
         return _load_pretrained(str(directory), display, device, dtype, trust_remote_code,
-                                purpose, local_only=True)
+                                purpose, local_only=True, model_id=spec.name)
     return _load_pretrained(spec.path, spec.name, device, dtype, trust_remote_code, purpose,
-                            local_only=True)
+                            local_only=True, model_id=spec.name)
 
 
 def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: str) -> LoadedModel:
@@ -374,7 +374,7 @@ def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: st
     online = hub_reachable()
     try:
         return _load_pretrained(spec.path, spec.name, device, dtype, trust, purpose,
-                                local_only=not online)
+                                local_only=not online, model_id=spec.name)
     except ModelError as exc:
         if not online:
             why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
@@ -389,7 +389,7 @@ def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: st
 
 def _load_pretrained(
     source: str, display: str, device: str, dtype: str, trust: bool, purpose: str,
-    *, local_only: bool,
+    *, local_only: bool, model_id: str,
 ) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -416,4 +416,4 @@ def _load_pretrained(
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
     model.eval()
-    return LoadedModel(model, tokenizer, display, source, device, dtype)
+    return LoadedModel(model, tokenizer, display, source, device, dtype, model_id)

@@ -759,13 +759,13 @@ def _finetune(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
     report_to = _check_report_to(opts.report_to)
 
     # 2. The model, through the same resolution as every other command (default, builtin, gguf).
-    from nlgen.models import BUILTIN, load_model
+    from nlgen.models import DEFAULT_MODEL, load_model
 
     lm = load_model(opts.model, device="cpu", dtype="float32",
                     trust_remote_code=opts.trust_remote_code, purpose="train")
-    if opts.model is None and not opts.output_dir and lm.name.startswith(BUILTIN):
+    if not opts.output_dir and lm.model_id != (opts.model or DEFAULT_MODEL):
         # The default model fell back to builtin: name the output after what is trained.
-        output = default_output_dir(BUILTIN, opts.data).absolute()
+        output = default_output_dir(lm.model_id, opts.data).absolute()
         checkpoints = checkpoint_dir_for(output)
         resume_from = check_output(opts, output)
     context = lm.context_length
