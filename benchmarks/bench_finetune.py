@@ -165,10 +165,11 @@ def main() -> None:
     p.add_argument("--out", help="write the markdown report here too")
     a = p.parse_args()
 
-    from nlgen.models import converted_gguf_dir, resolve_spec
+    from nlgen.gguf import converted_dir
+    from nlgen.loading import resolve_spec
 
     spec = resolve_spec(a.model)
-    model_dir = str(converted_gguf_dir(Path(spec.path)) if spec.kind in ("builtin", "gguf")
+    model_dir = str(converted_dir(Path(spec.path)) if spec.kind in ("builtin", "gguf")
                     else spec.path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "NO_COLOR": "1"}

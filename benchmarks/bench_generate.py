@@ -59,14 +59,14 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nlgen import models
+    from nlgen import gguf, loading
     from nlgen.generation import GenerationOptions, generate
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     nlgen = [sys.executable, "-m", "nlgen"]
     rows: list[tuple[str, str, str, str]] = []
-    gguf = models.builtin_gguf_path()
-    directory = models.converted_gguf_dir(gguf)  # warm the cache once, outside the timings
+    gguf_file = loading.builtin_gguf_path()
+    directory = gguf.converted_dir(gguf_file)  # warm the cache once, outside the timings
 
     # 1. --help
     helps = [wall([*nlgen, "--help"], env) for _ in range(max(5, args.repeats))]
@@ -81,7 +81,7 @@ def main() -> None:
     for _ in range(args.repeats):
         ours.append(wall([*nlgen, "generate", "--model", "builtin", "--greedy", "-n", "128",
                           "--min-new-tokens", "128", "Once upon a time"], env))
-        theirs.append(wall([sys.executable, plain_path, str(gguf)], env))
+        theirs.append(wall([sys.executable, plain_path, str(gguf_file)], env))
     rows.append(("cold `nlgen generate -n 128` vs plain script (process wall time)",
                  f"{median(ours):.1f} s", f"{median(theirs):.1f} s",
                  f"{median(theirs) / median(ours):.2f}x faster"))
@@ -89,8 +89,8 @@ def main() -> None:
 
     # 3. single prompt tokens/s, in process
     n = args.new_tokens
-    tok_lm = models.load_model("builtin", device="cpu", dtype="auto")
-    f32_lm = models.load_model("builtin", device="cpu", dtype="float32")
+    tok_lm = loading.load_model("builtin", device="cpu", dtype="auto")
+    f32_lm = loading.load_model("builtin", device="cpu", dtype="float32")
     plain = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     tokenizer = f32_lm.tokenizer
     opts = GenerationOptions(greedy=True, max_new_tokens=n, min_new_tokens=n)

@@ -90,8 +90,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from nlgen import scoring
-    from nlgen.models import load_model
+    from nlgen import inputs, scoring
+    from nlgen.loading import load_model
 
     rows = []
     reference = None  # float32 guide value with the exact count
@@ -115,7 +115,7 @@ def main() -> None:
             times["guide"].append(time.perf_counter() - start)
             for name, opts in nlgen_runs.items():
                 start = time.perf_counter()
-                [result] = scoring.score_texts(lm, [scoring.ScoreInput("bench", text)], opts)
+                [result] = scoring.score_texts(lm, [inputs.Text("bench", text)], opts)
                 times[name].append(time.perf_counter() - start)
                 values[name] = result.metrics.perplexity
         tokens = result.metrics.tokens

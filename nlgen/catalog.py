@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nlgen import models
+from nlgen import gguf, loading
 from nlgen.errors import ModelError
 
 
@@ -37,14 +37,13 @@ def _dir_size(path: Path) -> int:
 def list_models() -> list[Entry]:
     entries = []
     try:
-        gguf = models.builtin_gguf_path()
-        converted = models._gguf_cache_path(gguf)
-        note = "converted copy cached" if (converted / "config.json").is_file() else (
-            "converted on first use (~20 s)")
-        entries.append(Entry(models.BUILTIN, "builtin", gguf.stat().st_size, str(gguf),
-                             f"{models.BUILTIN_NAME}; {note}"))
+        path = loading.builtin_gguf_path()
+        note = ("converted copy cached" if gguf.is_converted(path)
+                else "converted on first use (~20 s)")
+        entries.append(Entry(loading.BUILTIN, "builtin", path.stat().st_size, str(path),
+                             f"{loading.BUILTIN_NAME}; {note}"))
     except ModelError as exc:
-        entries.append(Entry(models.BUILTIN, "builtin", 0, "-", f"missing: {exc.hint}"))
+        entries.append(Entry(loading.BUILTIN, "builtin", 0, "-", f"missing: {exc.hint}"))
     try:
         from huggingface_hub import scan_cache_dir
 

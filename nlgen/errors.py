@@ -40,3 +40,12 @@ class ModelError(NlgenError):
 
 class OutputError(NlgenError):
     """An output that cannot be written, or would overwrite something (exit 1)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty.
+
+    Library errors often carry pages of detail; the user gets the line that says what failed.
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -12,6 +12,7 @@ import ast
 import difflib
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -19,8 +20,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from nlgen.errors import InputError, NlgenError, UsageError
-from nlgen.models import LoadedModel
+from nlgen.errors import InputError, NlgenError, UsageError, first_line
+from nlgen.inputs import Prompt
+from nlgen.loading import LoadedModel
 
 log = logging.getLogger("nlgen")
 
@@ -71,8 +73,10 @@ class GenerationOptions:
         for name, value in {"temperature": self.temperature,
                             "repetition_penalty": self.repetition_penalty,
                             "max_time": self.max_time}.items():
-            if value is not None and not value > 0:
-                raise UsageError(f"--{_kebab(name)} must be greater than 0 (got {value})")
+            # `not 0 < value < inf` also refuses nan, which every comparison fails.
+            if value is not None and not 0 < value < math.inf:
+                raise UsageError(f"--{_kebab(name)} must be greater than 0 and finite "
+                                 f"(got {value})")
         for name, value in {"top_p": self.top_p, "typical_p": self.typical_p}.items():
             if value is not None and not 0 < value <= 1:
                 raise UsageError(f"--{_kebab(name)} must be in (0, 1] (got {value})")
@@ -89,8 +93,15 @@ class GenerationOptions:
         if self.num_return_sequences > 1 and self.greedy and self.num_return_sequences > beams:
             raise UsageError("greedy decoding gives one sequence per prompt; use "
                              "--num-beams >= --num-return-sequences, or drop --greedy")
+        beam_sampling = dict(self.extra).get("do_sample") is True
+        if beams > 1 and not beam_sampling and self.num_return_sequences > beams:
+            raise UsageError(f"beam search returns at most --num-beams sequences ({beams}), not "
+                             f"{self.num_return_sequences}",
+                             hint="raise --num-beams, or lower --num-return-sequences")
         if any(s == "" for s in self.stop):
             raise UsageError("--stop needs a non-empty string")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed must be in [0, 2**32) (got {self.seed})")
 
     @property
     def streamable(self) -> bool:
@@ -101,30 +112,64 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+# -o keys refused: those with an option of their own (two ways to say one thing, and the option
+# would silently win), and those nlgen sets itself because the output's shape depends on them.
+OWN_OPTION = {name: f"--{_kebab(name)}" for name in (
+    "max_new_tokens", "max_length", "min_new_tokens", "temperature", "top_k", "top_p", "min_p",
+    "typical_p", "repetition_penalty", "no_repeat_ngram_size", "num_beams",
+    "num_return_sequences", "max_time")} | {"stop_strings": "--stop"}
+SET_BY_NLGEN = ("pad_token_id", "return_dict_in_generate", "output_scores", "output_logits",
+                "output_attentions", "output_hidden_states", "transformers_version",
+                "_from_model_config", "compile_config", "continuous_batching_config")
+
+
 def parse_extra_options(pairs: Iterable[str]) -> tuple[tuple[str, Any], ...]:
-    """``-o KEY=VALUE`` -> ((key, value), ...), the key checked against GenerationConfig.
+    """``-o KEY=VALUE`` -> ((key, value), ...), each key and value checked by GenerationConfig.
 
     Values are JSON (``true``, ``0.6``, ``[[1, 2]]``), or Python literals, or else plain strings.
+    What GenerationConfig can check without a model is checked here, before any model loads;
+    what only generate() checks is reported as a usage error when it raises.
     """
     pairs = list(pairs)
     if not pairs:
         return ()
     from transformers import GenerationConfig
 
-    known = set(GenerationConfig().to_dict()) - {"transformers_version", "_from_model_config"}
+    known = set(GenerationConfig().to_dict()) - set(SET_BY_NLGEN)
     parsed = []
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise UsageError(f"-o expects KEY=VALUE (got {pair!r})")
+        if key in OWN_OPTION:
+            raise UsageError(f"-o {key} has an option of its own", hint=f"use {OWN_OPTION[key]}")
+        if key in SET_BY_NLGEN:
+            raise UsageError(f"-o {key}: nlgen sets this itself")
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.5)
+            close = difflib.get_close_matches(key, sorted(known | set(OWN_OPTION)), n=3,
+                                              cutoff=0.5)
             hint = ("did you mean " + ", ".join(close) + "?") if close else (
                 "see GenerationConfig in the transformers docs for the fields")
             raise UsageError(f"unknown generation option {key!r}", hint=hint)
         parsed.append((key, _parse_value(raw.strip())))
+    _validate_extra(GenerationConfig, dict(parsed))
     return tuple(parsed)
+
+
+def _validate_extra(config_class: Any, extra: dict[str, Any]) -> None:
+    """GenerationConfig's own checks on the -o values, in a config where every one is used."""
+    import warnings
+
+    # Sampling and beams on, so that validate() judges the values rather than warning that a
+    # sampling or beam flag is unused.
+    trial = {"do_sample": True, "num_beams": 2, **extra}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config_class(**trial).validate(strict=True)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"invalid -o value: {first_line(exc)}") from None
 
 
 def _parse_value(raw: str) -> Any:
@@ -149,6 +194,7 @@ class Generation:
     prompt_tokens: int  # tokens the model saw (after a chat template or truncation)
     completion_tokens: int  # tokens generated, EOS included
     finish_reason: str  # "eos" | "stop" (a --stop string) | "length" | "time"
+    line: int | None = None  # the prompt's line in its file, when read one a line
 
     @property
     def text(self) -> str:
@@ -172,7 +218,7 @@ class GenerationStats:
 @dataclass
 class _Prepared:
     index: int
-    prompt: str
+    prompt: Prompt
     ids: list[int]
     max_new: int  # this prompt's own budget of new tokens (differs under --max-length)
     notes: list[str] = field(default_factory=list)
@@ -222,18 +268,19 @@ def build_generation_config(lm: LoadedModel, opts: GenerationOptions) -> Any:
     return config
 
 
-def _prepare(lm: LoadedModel, index: int, prompt: str, opts: GenerationOptions) -> _Prepared:
+def _prepare(lm: LoadedModel, index: int, prompt: Prompt, opts: GenerationOptions) -> _Prepared:
     tokenizer = lm.tokenizer
-    text = prompt
+    text = prompt.text
+    where = f"prompt {index + 1}" + (f" (line {prompt.line})" if prompt.line else "")
     if opts.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError(f"model {lm.name!r} has no chat template",
                              hint="drop --chat, or use a chat-tuned model such as builtin")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}],
                                              tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=not opts.chat)["input_ids"]
     if not ids:
-        raise InputError(f"prompt {index + 1} is empty after tokenization")
+        raise InputError(f"{where} is empty after tokenization")
     context = lm.context_length
     if opts.max_length is not None:
         if opts.max_length > context:
@@ -250,10 +297,10 @@ def _prepare(lm: LoadedModel, index: int, prompt: str, opts: GenerationOptions) 
     notes = []
     if len(ids) > limit:
         if not opts.truncate:
-            raise InputError(f"prompt {index + 1} has {len(ids)} tokens; with the new tokens it "
+            raise InputError(f"{where} has {len(ids)} tokens; with the new tokens it "
                              f"exceeds the model's {context}-token context",
                              hint="shorten it, lower --max-new-tokens, or drop --no-truncate")
-        notes.append(f"prompt {index + 1} has {len(ids)} tokens; kept its last {limit} to fit "
+        notes.append(f"{where} has {len(ids)} tokens; kept its last {limit} to fit "
                      f"the model's {context}-token context")
         ids = ids[-limit:]
         if opts.max_length is not None:
@@ -263,7 +310,7 @@ def _prepare(lm: LoadedModel, index: int, prompt: str, opts: GenerationOptions) 
 
 def generate(
     lm: LoadedModel,
-    prompts: Iterable[str],
+    prompts: Iterable[str | Prompt],
     opts: GenerationOptions,
     *,
     stats: GenerationStats | None = None,
@@ -283,7 +330,7 @@ def generate(
         set_seed(opts.seed)
     lm.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     batch_size = 1 if on_text else opts.batch_size
-    source = enumerate(prompts)
+    source = enumerate(p if isinstance(p, Prompt) else Prompt(p) for p in prompts)
     for raw_window, failure in _windows(source, batch_size):
         window: list[_Prepared] = []
         try:
@@ -319,8 +366,8 @@ def generate(
 _END = object()
 
 
-def _windows(source: Iterator[tuple[int, str]], batch_size: int,
-             ) -> Iterator[tuple[list[tuple[int, str]], NlgenError | None]]:
+def _windows(source: Iterator[tuple[int, Prompt]], batch_size: int,
+             ) -> Iterator[tuple[list[tuple[int, Prompt]], NlgenError | None]]:
     """Group prompts into windows without waiting on a slow producer.
 
     A reader thread pulls prompts (perhaps from a pipe that trickles) into a queue. Each window
@@ -342,7 +389,7 @@ def _windows(source: Iterator[tuple[int, str]], batch_size: int,
     threading.Thread(target=reader, daemon=True, name="nlgen-prompts").start()
     limit = batch_size * WINDOW_BATCHES
     while True:
-        window: list[tuple[int, str]] = []
+        window: list[tuple[int, Prompt]] = []
         item = items.get()
         while True:
             if item is _END or isinstance(item, BaseException):
@@ -371,10 +418,17 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     max_new = max(p.max_new for p in batch)
     streamer = _StopAwareStreamer(tokenizer, opts.stop, on_text) if on_text else None
     started = time.perf_counter()
-    output = lm.model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-        max_new_tokens=max_new, tokenizer=tokenizer if opts.stop else None, streamer=streamer,
-    )  # (B * num_return_sequences, T + new)
+    try:
+        output = lm.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+            max_new_tokens=max_new, tokenizer=tokenizer if opts.stop else None,
+            streamer=streamer,
+        )  # (B * num_return_sequences, T + new)
+    except (ValueError, TypeError) as exc:
+        if not opts.extra:
+            raise  # our own call with checked options: a bug, shown as one
+        # generate() checks some -o values only when it builds its logits processors.
+        raise UsageError(f"invalid -o value: {first_line(exc)}") from None
     elapsed = time.perf_counter() - started
     new_tokens = output[:, input_ids.shape[1]:].tolist()
     eos_ids = _eos_ids(config, tokenizer)
@@ -395,8 +449,8 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
                 completion, finish = cut, "stop"
             stats.new_tokens += len(ids)
             stats.sequences += 1
-            gens.append(Generation(item.index, s, item.prompt, completion, len(item.ids),
-                                   len(ids), finish))
+            gens.append(Generation(item.index, s, item.prompt.text, completion, len(item.ids),
+                                   len(ids), finish, item.prompt.line))
         results.append(gens)
     stats.seconds += elapsed
     if streamer is not None:

@@ -1,11 +1,17 @@
-"""Prompts and texts from arguments, files and stdin, decoded as strict UTF-8.
+"""THE input layer: prompts, texts and training data from arguments, files, directories, stdin.
 
+Every command reads through here, so every command gives the same answers for the same bad
+input (a missing file, a directory, an empty or non-UTF-8 file, a .jsonl line that is not JSON).
 Readers take binary streams and decode themselves, so that a non-UTF-8 byte is reported with
-its place (file, line) instead of surfacing as a UnicodeDecodeError traceback.
+its place (file, line, offset) instead of surfacing as a UnicodeDecodeError traceback.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
+import hashlib
+import json
 import os
 import stat
 import sys
@@ -17,14 +23,33 @@ from typing import BinaryIO
 from nlgen.errors import InputError
 
 STDIN = "-"
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")  # what a directory input contributes
 
 
 @dataclass(frozen=True)
 class Text:
-    """A whole input: its name (a path or "<stdin>") and its decoded text."""
+    """One text to work on: where it came from, and its content or why it could not be read."""
 
-    name: str
+    name: str  # a path or "<stdin>"
+    text: str = ""
+    line: int | None = None  # one text a line: its line number in `name`
+    error: str | None = None  # why it could not be read (then `text` is empty)
+    hint: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.line is None else f"{self.name}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt, and the line it was read from (None for an argument or a whole file)."""
+
     text: str
+    line: int | None = None
+
+
+# ----------------------------------------------------------------------------- stdin
 
 
 def stdin_is_terminal() -> bool:
@@ -53,6 +78,13 @@ def stdin_has_input() -> bool:
     return False
 
 
+def display_name(name: str) -> str:
+    return "<stdin>" if name == STDIN else name
+
+
+# ----------------------------------------------------------------------------- reading
+
+
 def utf8_error(where: str, raw: bytes, start: int, offset: int = 0) -> InputError:
     """The one message for a non-UTF-8 byte: where, which byte, at which offset, what to do.
 
@@ -71,22 +103,28 @@ def _decode(raw: bytes, where: str, first: bool) -> str:
         raise utf8_error(where, raw, exc.start) from None
 
 
+def check_file(name: str) -> Path:
+    """The path of an input file that exists and is not a directory; the one set of messages.
+
+    Only the file's existence and type are checked: opening it here would drain a FIFO such as
+    ``<(producer)`` before the command reads it.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise InputError(f"{name} is a directory, not a file")
+    if not path.exists():
+        raise InputError(f"file not found: {name}")
+    return path
+
+
 def _open_binary(name: str) -> BinaryIO:
     if name == STDIN:
         return sys.stdin.buffer
-    path = Path(name)
-    if path.is_dir():
-        raise InputError(f"{name} is a directory, not a file")
+    path = check_file(name)
     try:
         return open(path, "rb")  # noqa: SIM115 - closed by the callers' context
-    except FileNotFoundError:
-        raise InputError(f"file not found: {name}") from None
     except OSError as exc:
         raise InputError(f"cannot read {name}: {exc.strerror}") from None
-
-
-def display_name(name: str) -> str:
-    return "<stdin>" if name == STDIN else name
 
 
 def read_text(name: str) -> Text:
@@ -94,6 +132,8 @@ def read_text(name: str) -> Text:
     stream = _open_binary(name)
     try:
         raw = stream.read()
+    except OSError as exc:
+        raise InputError(f"cannot read {display_name(name)}: {exc.strerror}") from None
     finally:
         if name != STDIN:
             stream.close()
@@ -115,14 +155,159 @@ def iter_lines(name: str) -> Iterator[tuple[int, str]]:
             stream.close()
 
 
-def iter_prompts(sources: Iterable[str], *, whole: bool = False) -> Iterator[str]:
-    """Prompts from files (``-`` = stdin): one a line, blank lines skipped; or one per input."""
+def iter_prompts(sources: Iterable[str], *, whole: bool = False) -> Iterator[Prompt]:
+    """Prompts from files (``-`` = stdin): one a line, or one per input (``whole``).
+
+    Blank lines are not prompts: they are skipped, and the line number of each prompt says
+    where it was, so that a record can be traced to its line.
+    """
     for name in sources:
         if whole:
             text = read_text(name).text
             if text.strip():
-                yield text.rstrip("\r\n")  # the file's final newline is not part of the prompt
+                yield Prompt(text.rstrip("\r\n"))  # the final newline is not in the prompt
             continue
-        for _, line in iter_lines(name):
+        for number, line in iter_lines(name):
             if line.strip():
-                yield line
+                yield Prompt(line, number)
+
+
+def iter_texts(sources: Iterable[str], *, per_line: bool = False) -> Iterator[Text]:
+    """Texts from files (``-`` = stdin): one per file, or one per non-blank line (``per_line``).
+
+    A file that cannot be read becomes a Text with an error, in its place, so that the other
+    inputs are still processed and the output keeps the input order. Reading is lazy.
+    """
+    for name in sources:
+        shown = display_name(name)
+        try:
+            if per_line:
+                for number, line in iter_lines(name):
+                    if line.strip():
+                        yield Text(shown, line, line=number)
+            else:
+                yield read_text(name)
+        except InputError as exc:
+            yield Text(shown, error=exc.message, hint=exc.hint)
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+@dataclass(frozen=True)
+class Source:
+    """One checked data file: where it is, how to read it, and its fingerprint for the record."""
+
+    name: str  # as given (a path, or "<stdin>")
+    path: Path | None  # None for stdin
+    kind: str  # "text" | "jsonl" | "csv"
+    sha256: str
+    size: int
+    text: str | None = None  # stdin's content (it cannot be read twice)
+
+
+def expand(name: str) -> list[tuple[str, Path | None]]:
+    """A file, or the text files of a directory (recursively, hidden ones skipped), or stdin."""
+    if name == STDIN:
+        return [(name, None)]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise InputError(f"directory {name} holds no text files",
+                             hint="it is searched for " + ", ".join(TEXT_SUFFIXES))
+        return [(str(p), p) for p in files]
+    if not path.exists():
+        raise InputError(f"file not found: {name}")
+    if not path.is_file():
+        raise InputError(f"{name} is not a regular file")
+    return [(name, path)]
+
+
+def _scan(name: str, path: Path) -> tuple[str, int, bool]:
+    """sha256, size and "holds non-blank text", reading in chunks; non-UTF-8 is an error."""
+    digest = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    has_text = False
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                try:
+                    text = decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    raise utf8_error(name, chunk, exc.start, offset) from None
+                has_text = has_text or bool(text.strip())
+                offset += len(chunk)
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise InputError(f"{name} is not valid UTF-8 (it ends inside a character)",
+                                 hint="the file may be truncated") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {name}: {exc.strerror}") from None
+    return digest.hexdigest(), offset, has_text
+
+
+def _check_jsonl(name: str, path: Path, text_field: str) -> None:
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{name} line {number} is not JSON: {exc.msg}") from None
+            if not isinstance(row, dict) or text_field not in row:
+                fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                raise InputError(f"{name} line {number} has no {text_field!r} field "
+                                 f"(it has: {fields})",
+                                 hint="name the field that holds the text with --text-field")
+            if not isinstance(row[text_field], str):
+                raise InputError(f"{name} line {number}: field {text_field!r} is not a string")
+
+
+def _check_csv(name: str, path: Path, text_field: str) -> None:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = csv.reader(f)
+        header = next(rows, [])
+        if text_field not in header:
+            raise InputError(f"{name} has no {text_field!r} column (it has: "
+                             f"{', '.join(header)})",
+                             hint="name the column that holds the text with --text-field")
+        for row in rows:
+            if len(row) > len(header):
+                raise InputError(f"{name} line {rows.line_num} has {len(row)} fields, its header "
+                                 f"{len(header)}", hint="quote fields that hold commas")
+
+
+def _kind(path: Path) -> str:
+    return {".jsonl": "jsonl", ".csv": "csv"}.get(path.suffix.lower(), "text")
+
+
+def check_sources(names: Iterable[str], text_field: str) -> list[Source]:
+    """Every input exists, is UTF-8 and holds text (and the text field, for jsonl/csv)."""
+    sources: list[Source] = []
+    for given in names:
+        for name, path in expand(given):
+            if path is None:
+                text = read_text(STDIN).text
+                raw = text.encode("utf-8")
+                if not text.strip():
+                    raise InputError("stdin is empty: no text to train on")
+                sources.append(Source("<stdin>", None, "text", hashlib.sha256(raw).hexdigest(),
+                                      len(raw), text))
+                continue
+            sha, size, has_text = _scan(name, path)
+            if size == 0 or not has_text:
+                raise InputError(f"{name} is empty: no text to train on")
+            kind = _kind(path)
+            if kind == "jsonl":
+                _check_jsonl(name, path, text_field)
+            elif kind == "csv":
+                _check_csv(name, path, text_field)
+            sources.append(Source(name, path, kind, sha, size))
+    return sources

@@ -32,8 +32,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from nlgen.errors import InputError, UsageError
-from nlgen.models import LoadedModel
+from nlgen.errors import UsageError
+from nlgen.inputs import Text
+from nlgen.loading import LoadedModel
 
 log = logging.getLogger("nlgen")
 
@@ -87,21 +88,6 @@ _STRIDE_HINT = "use a stride between 1 and --max-length (equal to it gives disjo
 
 
 @dataclass(frozen=True)
-class ScoreInput:
-    """One text to score, or one that could not be read (reported in its place)."""
-
-    name: str  # a path or "<stdin>"
-    text: str = ""
-    line: int | None = None  # --per-line: the line number in `name`
-    error: str | None = None  # why it could not be read
-    hint: str | None = None
-
-    @property
-    def label(self) -> str:
-        return self.name if self.line is None else f"{self.name}:{self.line}"
-
-
-@dataclass(frozen=True)
 class Method:
     """How the numbers were obtained: enough to reproduce them."""
 
@@ -134,7 +120,7 @@ class Metrics:
 
     @property
     def perplexity(self) -> float:
-        return _exp(self.nll)
+        return safe_exp(self.nll)
 
     @property
     def bits_per_byte(self) -> float:
@@ -142,14 +128,14 @@ class Metrics:
 
     @property
     def word_perplexity(self) -> float:
-        return _exp(self.nll_sum / self.words) if self.words else math.nan
+        return safe_exp(self.nll_sum / self.words) if self.words else math.nan
 
 
 @dataclass(frozen=True)
 class TextScore:
     """The result for one input: its metrics, or why it could not be scored."""
 
-    input: ScoreInput
+    input: Text
     metrics: Metrics | None  # None when `error` is set
     input_tokens: int = 0  # tokens of the text as tokenized (BOS/EOS included)
     windows: int = 0
@@ -168,37 +154,12 @@ def total(scores: Iterable[TextScore]) -> Metrics:
                    bytes=sum(m.bytes for m in good), words=sum(m.words for m in good))
 
 
-def _exp(x: float) -> float:
+def safe_exp(x: float) -> float:
+    """exp(x), or inf where it overflows: a perplexity too large for a float."""
     try:
         return math.exp(x)
     except OverflowError:  # as run_clm.py: a perplexity too large for a float is inf
         return math.inf
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def iter_inputs(sources: Iterable[str], *, per_line: bool = False) -> Iterator[ScoreInput]:
-    """Texts from files (``-`` = stdin): one per file, or one per non-blank line (``per_line``).
-
-    A file that cannot be read becomes an input with an error, in its place, so that the other
-    inputs are still scored and the output keeps the input order. Reading is lazy.
-    """
-    from nlgen import inputs
-
-    for name in sources:
-        shown = inputs.display_name(name)
-        try:
-            if per_line:
-                # Blank lines are skipped, as generate skips blank prompts; records keep their
-                # line numbers, so the output can still be matched with the input.
-                for number, line in inputs.iter_lines(name):
-                    if line.strip():
-                        yield ScoreInput(shown, line, line=number)
-            else:
-                yield ScoreInput(shown, inputs.read_text(name).text)
-        except InputError as exc:
-            yield ScoreInput(shown, error=exc.message, hint=exc.hint)
 
 
 # ----------------------------------------------------------------------------- windows
@@ -241,7 +202,7 @@ def special_tokens_added(tokenizer: Any) -> tuple[bool, bool]:
 class _Pending:
     """A text being scored: its tokens, its windows, what they have added up to so far."""
 
-    input: ScoreInput
+    input: Text
     ids: list[int] = field(default_factory=list)
     windows: list[tuple[int, int, int]] = field(default_factory=list)
     nll_sum: float = 0.0
@@ -272,7 +233,7 @@ class Scorer:
         self.scored = 0  # tokens scored so far, all texts
         self.planned = 0  # tokens to score in the texts read so far
 
-    def score(self, texts: Iterable[ScoreInput],
+    def score(self, texts: Iterable[Text],
               progress: ProgressCallback | None = None) -> Iterator[TextScore]:
         """A result per input, in input order.
 
@@ -293,7 +254,7 @@ class Scorer:
                 group, n_windows = [], 0
         yield from self._run_group(group, progress)
 
-    def _prepare(self, item: ScoreInput) -> _Pending:
+    def _prepare(self, item: Text) -> _Pending:
         pending = _Pending(item)
         if item.error is not None:
             pending.error, pending.hint = item.error, item.hint
@@ -428,7 +389,7 @@ def _split_model(model: Any) -> tuple[Callable[[Any, Any], Any], Callable[[Any],
     return body, lm_head
 
 
-def score_texts(lm: LoadedModel, texts: Iterable[ScoreInput], opts: ScoreOptions,
+def score_texts(lm: LoadedModel, texts: Iterable[Text], opts: ScoreOptions,
                 progress: ProgressCallback | None = None) -> Iterator[TextScore]:
     """Score each input with `lm`; results in input order (see :class:`Scorer`)."""
     return Scorer(lm, opts).score(texts, progress)

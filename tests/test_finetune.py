@@ -142,26 +142,26 @@ def test_corpus_shorter_than_a_block_still_trains(tiny_model, tmp_path, cli):
 
 
 def test_resume_equals_uninterrupted(tiny_model, tmp_path):
-    from nlgen import training
+    from nlgen import finetune
 
-    def opts(out: Path, **kw) -> training.FinetuneOptions:
-        return training.FinetuneOptions(data=(str(CORPUS),), model=str(tiny_model),
+    def opts(out: Path, **kw) -> finetune.FinetuneOptions:
+        return finetune.FinetuneOptions(data=(str(CORPUS),), model=str(tiny_model),
                                         output_dir=str(out), max_steps=6, learning_rate=1e-3,
                                         seed=3, gradient_accumulation_steps=2, **kw)
 
-    straight = training.finetune(opts(tmp_path / "straight"))
+    straight = finetune.finetune(opts(tmp_path / "straight"))
 
     def interrupt_at_3(event) -> None:  # a real SIGINT, as Ctrl-C sends, mid-run
-        if isinstance(event, training.Progress) and event.step == 3 and not event.logged:
+        if isinstance(event, finetune.StepProgress) and event.step == 3 and not event.logged:
             signal.raise_signal(signal.SIGINT)
 
     out = tmp_path / "resumed"
-    with pytest.raises(training.TrainingInterrupted) as info:
-        training.finetune(opts(out), on_event=interrupt_at_3)
+    with pytest.raises(finetune.TrainingInterrupted) as info:
+        finetune.finetune(opts(out), on_event=interrupt_at_3)
     assert info.value.exit_code == 130 and info.value.step == 3
     assert (tmp_path / "resumed.checkpoints" / "checkpoint-3").is_dir()
     assert not out.exists()
-    resumed = training.finetune(opts(out, resume=True))
+    resumed = finetune.finetune(opts(out, resume=True))
     assert resumed.record["resumed_from_step"] == 3
     assert resumed.record["steps"] == 6
     assert (resumed.record["validation_perplexity"]["before"]
@@ -281,7 +281,7 @@ BAD = [
     (["nocol.csv"], 1, "no 'text' column"),
     (["nodir"], 1, "holds no text files"),
     (["ok.txt", "--precision", "fp16"], 2, "fp16 needs a CUDA GPU"),
-    (["ok.txt", "--precision", "fp8"], 2, "unknown --precision 'fp8'"),
+    (["ok.txt", "--precision", "fp8"], 2, "Invalid value for '--precision'"),
     (["ok.txt", "--block-size", "256"], 2, "larger than the model's context (128 tokens)"),
     (["ok.txt", "-o", "exists"], 1, "already exists"),
     (["ok.txt", "--epochs", "1", "--max-steps", "3"], 2, "--epochs or --max-steps"),

@@ -94,11 +94,12 @@ def test_arguments_win_over_piped_stdin_and_say_so(gen):
     assert "piped stdin is not read" in result.stderr
 
 
-def test_empty_input_prints_nothing_and_exits_0(gen):
+def test_empty_input_prints_nothing_and_exits_1(gen):
+    # One rule for every command (README, "Exit codes"): an input with nothing in it fails.
     result = gen(input="\n  \n")
-    assert result.exit_code == 0
+    assert result.exit_code == 1
     assert result.stdout == ""
-    assert "no prompts" in result.stderr
+    assert "Error: no prompts in the input" in result.stderr
 
 
 def test_non_utf8_input_is_one_line_error(gen):
@@ -181,9 +182,9 @@ def test_verbose_prints_a_summary_on_stderr_only(gen):
     (["--temperature", "0"], "--temperature must be greater than 0"),
     (["--top-p", "2"], "--top-p must be in"),
     (["-n", "0"], "--max-new-tokens must be at least 1"),
-    (["--format", "xml"], "invalid --format"),
+    (["--format", "xml"], "Invalid value for '--format'"),
     (["--device", "tpu"], "invalid --device"),
-    (["--dtype", "int3"], "invalid --dtype"),
+    (["--dtype", "int3"], "Invalid value for '--dtype'"),
     (["-o", "no_such_option=1"], "unknown generation option"),
     (["-o", "repetition_penalt=1.1"], "repetition_penalty"),
     (["--greedy", "--top-k", "5"], "--greedy does not sample"),
@@ -191,12 +192,12 @@ def test_verbose_prints_a_summary_on_stderr_only(gen):
     (["--no-such-flag"], "No such option"),
 ])
 def test_usage_errors_exit_2_before_the_model_loads(cli, monkeypatch, args, message):
-    import nlgen.models
+    import nlgen.loading
 
     def no_load(*a, **k):
         raise AssertionError("the model must not load for a usage error")
 
-    monkeypatch.setattr(nlgen.models, "load_model", no_load)
+    monkeypatch.setattr(nlgen.loading, "load_model", no_load)
     result = cli("generate", *args, "The fox")
     assert result.exit_code == EXIT_USAGE
     assert message in result.stderr
@@ -336,10 +337,10 @@ def test_builtin_once_upon_a_time_subprocess():
 
 @pytest.mark.slow
 def test_builtin_second_load_is_a_cache_hit(monkeypatch):
-    from nlgen import models
+    from nlgen import gguf, loading
 
-    first = models.load_model("builtin", device="cpu")
-    converted = models._gguf_cache_path(models.builtin_gguf_path())
+    first = loading.load_model("builtin", device="cpu")
+    converted = gguf.cache_path(loading.builtin_gguf_path())
     assert (converted / "model.safetensors").is_file()
 
     def no_conversion(*a, **k):
@@ -350,7 +351,7 @@ def test_builtin_second_load_is_a_cache_hit(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         _refuse_gguf(transformers.AutoModelForCausalLM.from_pretrained))
     started = time.perf_counter()
-    second = models.load_model("builtin", device="cpu")
+    second = loading.load_model("builtin", device="cpu")
     assert time.perf_counter() - started < 15  # generous: ~3 s measured; conversion takes 20+
     assert second.source == first.source == str(converted)
     assert first.tokenizer.bos_token is None or not first.tokenizer("hi")["input_ids"][0] == \

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import run_nlgen
 
-from nlgen import models
+from nlgen import gguf, loading
 from nlgen.errors import ModelError, UsageError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -29,47 +29,47 @@ def hub_cache(tmp_path, tiny_model) -> Path:
 
 
 def test_resolve_spec_kinds(tiny_model, tmp_path):
-    assert models.resolve_spec(None) == models.ModelSpec("hub", "gpt2", "gpt2", False)
-    assert models.resolve_spec("gpt2").explicit
-    assert models.resolve_spec("org/name").kind == "hub"
-    assert models.resolve_spec(str(tiny_model)).kind == "dir"
-    builtin = models.resolve_spec("builtin")
+    assert loading.resolve_spec(None) == loading.ModelSpec("hub", "gpt2", "gpt2", False)
+    assert loading.resolve_spec("gpt2").explicit
+    assert loading.resolve_spec("org/name").kind == "hub"
+    assert loading.resolve_spec(str(tiny_model)).kind == "dir"
+    builtin = loading.resolve_spec("builtin")
     assert builtin.kind == "builtin" and builtin.path.endswith(".gguf")
     with pytest.raises(ModelError, match="GGUF file not found"):
-        models.resolve_spec(str(tmp_path / "x.gguf"))
+        loading.resolve_spec(str(tmp_path / "x.gguf"))
     with pytest.raises(ModelError, match="model directory not found"):
-        models.resolve_spec("./nope")
+        loading.resolve_spec("./nope")
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("NLGEN_CACHE", str(tmp_path / "c"))
-    assert models.cache_dir() == tmp_path / "c"
+    assert gguf.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("NLGEN_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert models.cache_dir() == tmp_path / "xdg" / "nlgen"
+    assert gguf.cache_dir() == tmp_path / "xdg" / "nlgen"
 
 
 def test_hub_probe_honours_offline_flag():
-    assert models.hub_reachable() is False  # HF_HUB_OFFLINE=1 in the test environment
+    assert loading.hub_reachable() is False  # HF_HUB_OFFLINE=1 in the test environment
 
 
 def test_device_and_dtype_validation():
     for ok in ("auto", "cpu", "cuda", "cuda:1", "mps"):
-        assert models.check_device_spec(ok) == ok
+        assert loading.check_device_spec(ok) == ok
     with pytest.raises(UsageError):
-        models.check_device_spec("gpu")
+        loading.check_device_spec("gpu")
     with pytest.raises(UsageError):
-        models.check_dtype_spec("float8")
-    assert models.resolve_device("auto") == "cpu"  # no GPU on the test machines
-    assert models.resolve_dtype("float16", "cpu") == "float16"
-    assert models.resolve_dtype("auto", "cpu", purpose="score") == "float32"
-    expected = "bfloat16" if models.cpu_has_fast_bf16() else "float32"
-    assert models.resolve_dtype("auto", "cpu") == expected
+        loading.check_dtype_spec("float8")
+    assert loading.resolve_device("auto") == "cpu"  # no GPU on the test machines
+    assert loading.resolve_dtype("float16", "cpu") == "float16"
+    assert loading.resolve_dtype("auto", "cpu", purpose="score") == "float32"
+    expected = "bfloat16" if loading.cpu_has_fast_bf16() else "float32"
+    assert loading.resolve_dtype("auto", "cpu") == expected
 
 
 def test_cuda_requested_without_a_gpu():
     with pytest.raises(ModelError, match="CUDA is not available"):
-        models.resolve_device("cuda")
+        loading.resolve_device("cuda")
 
 
 def test_tiny_model_loads_with_pad_token(tiny_lm):
@@ -96,17 +96,17 @@ def test_models_lists_builtin_and_hub_cache(hub_cache):
 
 
 def test_gguf_cache_key_changes_with_the_file(tmp_path):
-    gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"x" * 10)
-    first = models._gguf_cache_path(gguf)
-    gguf.write_bytes(b"y" * 11)
-    assert models._gguf_cache_path(gguf) != first
+    model_file = tmp_path / "m.gguf"
+    model_file.write_bytes(b"x" * 10)
+    first = gguf.cache_path(model_file)
+    model_file.write_bytes(b"y" * 11)
+    assert gguf.cache_path(model_file) != first
 
 
 def test_bad_gguf_file_is_a_model_error(tmp_path, monkeypatch):
     monkeypatch.setenv("NLGEN_CACHE", str(tmp_path / "cache"))
-    gguf = tmp_path / "broken.gguf"
-    gguf.write_bytes(b"not a gguf file at all")
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelError, match="cannot read GGUF file"):
-        models.load_model(str(gguf), device="cpu")
+        loading.load_model(str(broken), device="cpu")
     assert not any((tmp_path / "cache" / "converted").glob("broken-*/config.json"))

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, run_nlgen
 
-from nlgen import scoring
+from nlgen import inputs, scoring
 from nlgen.errors import UsageError
-from nlgen.models import LoadedModel
+from nlgen.loading import LoadedModel
 
 TEXT = CORPUS.read_text(encoding="utf-8")
 SHORT = TEXT[:160]  # ~70 tokens of the tiny tokenizer: brute force stays fast
@@ -60,7 +60,7 @@ def disjoint(max_length: int):
 
 
 def score_one(lm, text: str, **opts) -> scoring.TextScore:
-    items = [scoring.ScoreInput("t", text)]
+    items = [inputs.Text("t", text)]
     [result] = scoring.score_texts(lm, items, scoring.ScoreOptions(**opts))
     assert result.ok, result.error
     return result
@@ -205,7 +205,7 @@ def test_full_forward_fallback_gives_the_same_value(tiny_lm, monkeypatch):
     monkeypatch.setattr(tiny_lm.model.config, "final_logit_softcapping", 3.0, raising=False)
     scorer = scoring.Scorer(tiny_lm, scoring.ScoreOptions(max_length=16, stride=5))
     assert scorer._head.__name__ == "identity"  # fell back to the model's own forward
-    [slow] = scorer.score([scoring.ScoreInput("t", SHORT)])
+    [slow] = scorer.score([inputs.Text("t", SHORT)])
     assert slow.metrics.nll_sum == pytest.approx(fast.metrics.nll_sum, rel=1e-6)
 
 
@@ -216,16 +216,16 @@ def test_metrics_and_total():
     assert m.bits_per_byte == pytest.approx(20.0 / (40 * math.log(2)))
     assert m.word_perplexity == pytest.approx(math.exp(4.0))
     assert scoring.Metrics(nll_sum=1e6, tokens=1, bytes=1, words=1).perplexity == math.inf
-    a = scoring.TextScore(scoring.ScoreInput("a"), m)
-    b = scoring.TextScore(scoring.ScoreInput("b"), scoring.Metrics(10.0, 10, 10, 10))
-    bad = scoring.TextScore(scoring.ScoreInput("c"), None, error="nope")
+    a = scoring.TextScore(inputs.Text("a"), m)
+    b = scoring.TextScore(inputs.Text("b"), scoring.Metrics(10.0, 10, 10, 10))
+    bad = scoring.TextScore(inputs.Text("c"), None, error="nope")
     assert scoring.total([a, b, bad]) == scoring.Metrics(30.0, 20, 50, 15)
 
 
 def test_many_texts_batched_together_keep_order_and_values(tiny_lm):
     lines = [line for line in TEXT.splitlines() if line.strip()][:12]
     lines = [s[: 20 + 9 * i] for i, s in enumerate(lines)]  # varied lengths: padding at work
-    items = [scoring.ScoreInput("f", s, line=i) for i, s in enumerate(lines, 1)]
+    items = [inputs.Text("f", s, line=i) for i, s in enumerate(lines, 1)]
     together = list(scoring.score_texts(tiny_lm, items, scoring.ScoreOptions(batch_size=5)))
     assert [r.input.line for r in together] == list(range(1, 13))
     for line, r in zip(lines, together, strict=True):
@@ -234,9 +234,9 @@ def test_many_texts_batched_together_keep_order_and_values(tiny_lm):
 
 
 def test_bad_texts_are_reported_in_place(tiny_lm):
-    items = [scoring.ScoreInput("a", SHORT), scoring.ScoreInput("b", "  \n"),
-             scoring.ScoreInput("c", "x"), scoring.ScoreInput("d", error="file not found: d"),
-             scoring.ScoreInput("e", SHORT)]
+    items = [inputs.Text("a", SHORT), inputs.Text("b", "  \n"),
+             inputs.Text("c", "x"), inputs.Text("d", error="file not found: d"),
+             inputs.Text("e", SHORT)]
     results = list(scoring.score_texts(tiny_lm, items, scoring.ScoreOptions()))
     assert [r.input.name for r in results] == list("abcde")
     assert [r.ok for r in results] == [True, False, False, False, True]
@@ -248,7 +248,7 @@ def test_bad_texts_are_reported_in_place(tiny_lm):
 
 def test_progress_reports_tokens_scored(tiny_lm):
     calls = []
-    result = list(scoring.score_texts(tiny_lm, [scoring.ScoreInput("t", TEXT[:1000])],
+    result = list(scoring.score_texts(tiny_lm, [inputs.Text("t", TEXT[:1000])],
                                       scoring.ScoreOptions(max_length=32, batch_size=4),
                                       progress=lambda done, planned: calls.append((done, planned))))
     assert len(calls) > 2
@@ -357,9 +357,9 @@ def test_cli_table(cli, tiny_model, files):
     (["--stride", "0"], "--stride must be positive"),
     (["--stride", "9", "--max-length", "8"], "larger than --max-length"),
     (["--max-length", "1"], "--max-length must be at least 2"),
-    (["--format", "xml"], "invalid --format"),
+    (["--format", "xml"], "Invalid value for '--format'"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--dtype", "float8"], "invalid --dtype"),
+    (["--dtype", "float8"], "Invalid value for '--dtype'"),
 ])
 def test_cli_usage_errors_exit_2_before_loading(cli, files, args, message):
     # The model does not exist: reaching the loader would be exit 1, not 2.
@@ -440,7 +440,7 @@ def test_cli_module_imports_no_torch():
 
 @pytest.fixture(scope="module")
 def builtin_lm():
-    from nlgen.models import load_model
+    from nlgen.loading import load_model
 
     return load_model("builtin", device="cpu", purpose="score")
 

@@ -2,20 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer import rich_utils
+from typer.core import TyperOption
 
 from nlgen import __version__
 from nlgen.cli import finetune, generate, models, perplexity
+from nlgen.cli.console import error
 from nlgen.cli.runtime import flush_stdout_quietly
+
+_display_type_rich = TyperOption.display_type_rich
+
+
+def _flag_type(self: TyperOption, ctx: typer.Context) -> str | None:
+    """A flag takes no value: show no type for it (Typer 0.29 labels every flag ``<bool>``)."""
+    if self.is_flag and self.metavar is None:
+        return None
+    return _display_type_rich(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
+
+
+def _usage_error(exc: Any) -> None:
+    """Typer's usage errors (a bad choice, an unknown option) as one ``Error:`` line, like ours.
+
+    Typer draws them in a multi-line box; every other nlgen failure is one line on stderr.
+    """
+    if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed: nothing to add
+        return
+    ctx = getattr(exc, "ctx", None)
+    hint = f"{ctx.command_path} --help lists the options" if ctx is not None else None
+    error(" ".join(exc.format_message().split()), hint)
+
+
+rich_utils.rich_format_error = _usage_error
 
 app = typer.Typer(
     name="nlgen",
     help="Hugging Face language models in a terminal and in shell pipelines.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # errors are mapped to one line in cli/runtime.py
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -30,7 +60,8 @@ def _version(value: bool) -> None:
 def root(
     version: Annotated[
         Optional[bool],
-        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+        typer.Option("--version", "-V", callback=_version, is_eager=True,
+                     help="Show the version."),
     ] = None,
 ) -> None:
     """Generate text, fine-tune and measure perplexity with Hugging Face models.

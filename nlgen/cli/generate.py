@@ -5,31 +5,34 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from itertools import chain
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
+from nlgen import generation, inputs, loading
+from nlgen.cli import console
 from nlgen.cli.options import (
     BatchSizeOpt,
     DeviceOpt,
+    Dtype,
     DtypeOpt,
+    GenerateFormat,
     ModelOpt,
+    QuietOpt,
     SeedOpt,
     TrustRemoteCodeOpt,
     VerboseOpt,
 )
 from nlgen.cli.runtime import guard
-from nlgen.errors import UsageError
+from nlgen.errors import InputError, UsageError
 
 SAMPLING = "Sampling (GenerationConfig)"
 IO = "Input and output"
-MODEL = "Model"
-
-FORMATS = ("text", "jsonl")
 
 
 @guard
 def generate(
+    ctx: typer.Context,
     prompts: Annotated[Optional[list[str]], typer.Argument(
         help="Prompts. None: read --file, or stdin when it is piped.", show_default=False)] = None,
     file: Annotated[Optional[str], typer.Option(
@@ -38,8 +41,9 @@ def generate(
     whole: Annotated[bool, typer.Option(
         "--whole", help="Take the whole input as one prompt, not one a line.",
         rich_help_panel=IO)] = False,
-    fmt: Annotated[str, typer.Option(
-        "--format", help="text, or jsonl (one object per sequence).", rich_help_panel=IO)] = "text",
+    fmt: Annotated[GenerateFormat, typer.Option(
+        "--format", help="text, or jsonl (one object per sequence).",
+        rich_help_panel=IO)] = GenerateFormat.text,
     completion_only: Annotated[bool, typer.Option(
         "--completion-only", help="Print only the continuation, not the prompt.",
         rich_help_panel=IO)] = False,
@@ -50,8 +54,8 @@ def generate(
         "--null", "-0", help="Text format: end each output with NUL instead (for xargs -0).",
         rich_help_panel=IO)] = False,
     stream: Annotated[Optional[bool], typer.Option(
-        "--stream/--no-stream", help="Print tokens as they come (default: one prompt, on a "
-        "terminal).", show_default=False, rich_help_panel=IO)] = None,
+        "--stream/--no-stream", help="Print tokens as they come, in text format.",
+        show_default="one prompt, on a terminal", rich_help_panel=IO)] = None,
     chat: Annotated[bool, typer.Option(
         "--chat", help="Use the model's chat template: the prompt is the user turn; prints the "
         "reply.", rich_help_panel=IO)] = False,
@@ -59,24 +63,33 @@ def generate(
         "--no-truncate", help="Fail on a prompt longer than the context instead of cutting its "
         "start.", rich_help_panel=IO)] = False,
     max_new_tokens: Annotated[Optional[int], typer.Option(
-        "--max-new-tokens", "-n", help="Tokens to generate [default: 50].", show_default=False,
-        rich_help_panel=SAMPLING)] = None,
+        "--max-new-tokens", "-n", help="Tokens to generate.",
+        show_default=str(generation.DEFAULT_MAX_NEW_TOKENS), rich_help_panel=SAMPLING)] = None,
     max_length: Annotated[Optional[int], typer.Option(
         "--max-length", help="Total tokens, prompt included (instead of -n).",
         rich_help_panel=SAMPLING)] = None,
     min_new_tokens: Annotated[Optional[int], typer.Option(
-        "--min-new-tokens", rich_help_panel=SAMPLING)] = None,
+        "--min-new-tokens", help="Tokens to generate at least.", rich_help_panel=SAMPLING)] = None,
     temperature: Annotated[Optional[float], typer.Option(
-        "--temperature", "-t", rich_help_panel=SAMPLING)] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", rich_help_panel=SAMPLING)] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", rich_help_panel=SAMPLING)] = None,
-    min_p: Annotated[Optional[float], typer.Option("--min-p", rich_help_panel=SAMPLING)] = None,
+        "--temperature", "-t", help="Sampling temperature.", show_default="the model's, else 1",
+        rich_help_panel=SAMPLING)] = None,
+    top_k: Annotated[Optional[int], typer.Option(
+        "--top-k", help="Sample from the K most likely tokens.",
+        show_default="the model's, else 50",
+        rich_help_panel=SAMPLING)] = None,
+    top_p: Annotated[Optional[float], typer.Option(
+        "--top-p", help="Nucleus sampling.", show_default="the model's, else 0.95",
+        rich_help_panel=SAMPLING)] = None,
+    min_p: Annotated[Optional[float], typer.Option(
+        "--min-p", help="Min-p sampling.", rich_help_panel=SAMPLING)] = None,
     typical_p: Annotated[Optional[float], typer.Option(
-        "--typical-p", rich_help_panel=SAMPLING)] = None,
+        "--typical-p", help="Typical sampling.", rich_help_panel=SAMPLING)] = None,
     repetition_penalty: Annotated[Optional[float], typer.Option(
-        "--repetition-penalty", rich_help_panel=SAMPLING)] = None,
+        "--repetition-penalty", help="Penalty for tokens already present (1: none).",
+        rich_help_panel=SAMPLING)] = None,
     no_repeat_ngram_size: Annotated[Optional[int], typer.Option(
-        "--no-repeat-ngram-size", rich_help_panel=SAMPLING)] = None,
+        "--no-repeat-ngram-size", help="Never repeat an n-gram of this size.",
+        rich_help_panel=SAMPLING)] = None,
     num_beams: Annotated[Optional[int], typer.Option(
         "--num-beams", help="Beam search with N beams.", rich_help_panel=SAMPLING)] = None,
     num_return_sequences: Annotated[int, typer.Option(
@@ -97,9 +110,10 @@ def generate(
     batch_size: BatchSizeOpt = 8,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Generate text from prompts.
 
@@ -113,12 +127,7 @@ def generate(
 
       nlgen generate --model builtin --chat "Write a haiku about the sea"
     """
-    from nlgen import generation, models, output
-
-    if fmt not in FORMATS:
-        raise UsageError(f"invalid --format {fmt!r}", hint="use text or jsonl")
-    models.check_device_spec(device)
-    models.check_dtype_spec(dtype)
+    loading.check_device_spec(device)
     opts = generation.GenerationOptions(
         max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
@@ -128,82 +137,90 @@ def generate(
         extra=generation.parse_extra_options(option or ()), batch_size=batch_size, chat=chat,
         truncate=not no_truncate,
     )
+    jsonl = fmt is GenerateFormat.jsonl
+    if stream and jsonl:
+        raise UsageError("--stream prints text as it comes; --format jsonl writes each record "
+                         "when its prompt is done", hint="drop --stream, or use --format text")
     prompt_iter, single = _prompt_source(prompts, file, whole)
     if stream is None:
-        stream = single and fmt == "text" and output.stdout_is_terminal()
+        stream = single and not jsonl and console.stdout_is_terminal()
     if stream and not opts.streamable:
         raise UsageError("--stream needs one sequence per prompt (no --num-beams or -N)")
     first = next(prompt_iter, None)
     if first is None:
-        output.notice("no prompts in the input; nothing to generate")
-        return
+        raise InputError("no prompts in the input: nothing to generate",
+                         hint="blank lines are not prompts")
 
-    lm = models.load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    lm = loading.load_model(model, device=device, dtype=dtype.value,
+                            trust_remote_code=trust_remote_code)
     show_prompt = not completion_only and not chat
-    several = not single or num_return_sequences > 1
     stats = generation.GenerationStats()
-    on_text = None
-    if stream:
-        def on_text(piece: str) -> None:
-            output.write(piece)
-
     if stream and show_prompt:
-        output.write(first)
+        console.write(first.text)
     started = time.perf_counter()
-    count = 0
-    for result in generation.generate(lm, chain([first], prompt_iter), opts, stats=stats,
-                                      on_text=on_text if stream else None):
-        if fmt == "jsonl":
-            output.write_jsonl(_record(result, lm.name))
+    results = generation.generate(lm, chain([first], prompt_iter), opts, stats=stats,
+                                  on_text=console.write if stream else None)
+    several = not single or num_return_sequences > 1
+    for count, result in enumerate(results):
+        if jsonl:
+            console.write_jsonl(_record(result, lm.name))
             continue
         body = result.text if show_prompt else result.completion
         if null:
-            output.write(("" if stream else body) + "\0")
+            console.write(("" if stream else body) + "\0")
         elif stream:
-            output.write("\n")
+            console.write("\n")
         else:
-            output.write(("" if count == 0 or not several else separator + "\n") + body + "\n")
-        count += 1
-    if verbose or output.stderr_is_terminal():
+            console.write(("" if count == 0 or not several else separator + "\n") + body + "\n")
+    if verbose or console.stderr_is_terminal():
         wall = time.perf_counter() - started
-        output.notice(f"{lm.name} on {lm.device} ({lm.dtype}): {stats.new_tokens} tokens in "
-                      f"{stats.seconds:.1f} s, {stats.tokens_per_second:.1f} tokens/s "
-                      f"({stats.sequences} sequences, {wall:.1f} s in all)")
+        console.summary(lm.name, lm.device, lm.dtype,
+                        f"{console.plural(stats.new_tokens, 'token')} in {stats.seconds:.1f} s, "
+                        f"{stats.tokens_per_second:.1f} tokens/s "
+                        f"({console.plural(stats.sequences, 'sequence')}, {wall:.1f} s in all)")
 
 
 def _prompt_source(prompts: list[str] | None, file: str | None,
-                   whole: bool) -> tuple[Iterator[str], bool]:
+                   whole: bool) -> tuple[Iterator[inputs.Prompt], bool]:
     """Where prompts come from, and whether there is exactly one.
 
     Arguments win over piped stdin; the piped input is then left unread, and we say so, because
     silently ignoring it is the worse surprise. ``--file -`` reads stdin explicitly.
     """
-    from nlgen import inputs, output
-
     if prompts and file:
         raise UsageError("give prompts as arguments or with --file, not both")
     if prompts:
         if inputs.stdin_has_input():
-            output.notice("prompts given as arguments; piped stdin is not read "
-                          "(use --file - to read it)")
+            console.notice("prompts given as arguments; piped stdin is not read "
+                           "(use --file - to read it)")
         if whole:
             text = "\n".join(prompts)
-            return iter([text] if text.strip() else []), True
-        kept = [p for p in prompts if p.strip()]  # blank prompts skipped, as blank lines are
-        return iter(kept), len(kept) == 1
+            return iter([inputs.Prompt(text)] if text.strip() else []), True
+        # An argument is a prompt the user typed on purpose: a blank one is a mistake (perhaps
+        # an empty shell variable), not something to skip and renumber the others around.
+        for position, prompt in enumerate(prompts, 1):
+            if not prompt.strip():
+                raise UsageError(f"prompt argument {position} is empty",
+                                 hint="check the shell variables that build the prompts")
+        return iter([inputs.Prompt(p) for p in prompts]), len(prompts) == 1
     if file is None:
         if inputs.stdin_is_terminal():
             raise UsageError("no prompt given",
                              hint='nlgen generate "Once upon a time", or pipe prompts on stdin')
         file = inputs.STDIN
+    elif file != inputs.STDIN:
+        inputs.check_file(file)
     return inputs.iter_prompts([file], whole=whole), whole
 
 
-def _record(result, model_name: str) -> dict:
-    return {
-        "index": result.index, "sequence": result.sequence, "prompt": result.prompt,
+def _record(result: generation.Generation, model_name: str) -> dict[str, Any]:
+    record: dict[str, Any] = {"index": result.index}
+    if result.line is not None:
+        record["line"] = result.line
+    record.update({
+        "sequence": result.sequence, "prompt": result.prompt,
         "completion": result.completion, "text": result.text, "model": model_name,
         "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
         "finish_reason": result.finish_reason,
-    }
-
+    })
+    return record

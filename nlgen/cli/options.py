@@ -1,10 +1,61 @@
-"""Options shared by several commands, declared once as Annotated aliases."""
+"""Options shared by several commands, declared once as Annotated aliases; choices as Enums.
+
+Typer validates an Enum itself (exit 2, listing the choices) and shows the choices and the
+default in ``--help``, so no command checks these values by hand.
+"""
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
+
+
+class Dtype(str, Enum):
+    """Weights' dtype; auto: see the README (bfloat16 on a CPU with native bfloat16, ...)."""
+
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Precision(str, Enum):
+    """Mixed precision of a training run (the weights stay float32)."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class TrainDevice(str, Enum):
+    """finetune's --device: which GPU is chosen by CUDA_VISIBLE_DEVICES or the launcher."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class GenerateFormat(str, Enum):
+    text = "text"
+    jsonl = "jsonl"
+
+
+class PerplexityFormat(str, Enum):
+    auto = "auto"
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+
+
+class ModelsFormat(str, Enum):
+    auto = "auto"
+    table = "table"
+    text = "text"
+    jsonl = "jsonl"
+
 
 MODEL_HELP = (
     "Model: a Hub id, a local directory (save_pretrained / nlgen finetune), a .gguf file, or "
@@ -16,14 +67,12 @@ ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", envvar="NLGEN_MODEL", help=MODEL_HELP, show_default=False),
 ]
+# Free-form (cuda:N), so validated by the core's pattern rather than by an Enum.
 DeviceOpt = Annotated[
     str,
     typer.Option("--device", help="auto (GPU when there is one), cpu, cuda, cuda:N or mps."),
 ]
-DtypeOpt = Annotated[
-    str,
-    typer.Option("--dtype", help="auto, float32, bfloat16 or float16 (auto: see README)."),
-]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Weights' dtype (auto: see README).")]
 TrustRemoteCodeOpt = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Allow a Hub model to run its own Python code."),
@@ -36,4 +85,7 @@ SeedOpt = Annotated[
 ]
 VerboseOpt = Annotated[
     bool, typer.Option("--verbose", "-v", help="More notices on stderr, and a closing summary.")
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No notices on stderr; errors only.")
 ]

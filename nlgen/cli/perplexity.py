@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any
+from collections.abc import Iterator
+from itertools import chain
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
+from rich.progress import TimeRemainingColumn
+from rich.table import Table
 
+from nlgen import inputs, loading, scoring
+from nlgen.cli import console
 from nlgen.cli.options import (
     BatchSizeOpt,
     DeviceOpt,
+    Dtype,
     DtypeOpt,
     ModelOpt,
+    PerplexityFormat,
+    QuietOpt,
     TrustRemoteCodeOpt,
     VerboseOpt,
 )
@@ -21,35 +31,34 @@ from nlgen.errors import EXIT_FAILURE, InputError, UsageError
 
 IO = "Input and output"
 WINDOW = "Window"
-
-FORMATS = ("auto", "table", "json", "jsonl")
 PROGRESS_MIN_TOKENS = 2048  # below this a bar would only flicker
 
 
 @guard
 def perplexity(
-    files: Annotated[list[str] | None, typer.Argument(
+    ctx: typer.Context,
+    files: Annotated[Optional[list[str]], typer.Argument(
         help="Text files ('-' is stdin). None: stdin when it is piped.", show_default=False)]
     = None,
     per_line: Annotated[bool, typer.Option(
         "--per-line", help="Score each line on its own (blank lines skipped), one record a line.",
         rich_help_panel=IO)] = False,
-    fmt: Annotated[str, typer.Option(
-        "--format", help="auto (a table on a terminal, else jsonl), table, json (one object) or "
-        "jsonl (one object per input).", rich_help_panel=IO)] = "auto",
-    max_length: Annotated[int | None, typer.Option(
-        "--max-length", help="Window in tokens (default: the model's context, at most 1024).",
-        show_default=False, rich_help_panel=WINDOW)] = None,
-    stride: Annotated[int | None, typer.Option(
-        "--stride", help="Tokens the window moves (default: half the window); equal to "
-        "--max-length gives disjoint windows.", show_default=False,
-        rich_help_panel=WINDOW)] = None,
+    fmt: Annotated[PerplexityFormat, typer.Option(
+        "--format", help="auto: a table on a terminal, else jsonl; json: one object; jsonl: one "
+        "object per input.", rich_help_panel=IO)] = PerplexityFormat.auto,
+    max_length: Annotated[Optional[int], typer.Option(
+        "--max-length", help="Window in tokens.", show_default="the model's context, at most "
+        f"{scoring.DEFAULT_MAX_LENGTH_CAP}", rich_help_panel=WINDOW)] = None,
+    stride: Annotated[Optional[int], typer.Option(
+        "--stride", help="Tokens the window moves; equal to --max-length gives disjoint windows.",
+        show_default="half the window", rich_help_panel=WINDOW)] = None,
     batch_size: BatchSizeOpt = 8,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
     trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Measure how likely a model finds texts: perplexity, bits per byte, word perplexity.
 
@@ -62,74 +71,71 @@ def perplexity(
       nlgen generate -N 8 "The sea" --format jsonl | jq -r .text |
         nlgen perplexity --per-line --format jsonl | jq -s 'sort_by(.perplexity)'
     """
-    from nlgen import models, output, scoring
-
-    if fmt not in FORMATS:
-        raise UsageError(f"invalid --format {fmt!r}", hint="use " + ", ".join(FORMATS))
-    models.check_device_spec(device)
-    models.check_dtype_spec(dtype)
+    loading.check_device_spec(device)
     opts = scoring.ScoreOptions(max_length=max_length, stride=stride, batch_size=batch_size)
-    sources = _sources(files)
-    if fmt == "auto":
-        fmt = "table" if output.stdout_is_terminal() else "jsonl"
+    texts = _texts(files, per_line)
+    if fmt is PerplexityFormat.auto:
+        fmt = PerplexityFormat.table if console.stdout_is_terminal() else PerplexityFormat.jsonl
 
-    lm = models.load_model(model, device=device, dtype=dtype,
-                           trust_remote_code=trust_remote_code, purpose="score")
+    lm = loading.load_model(model, device=device, dtype=dtype.value,
+                            trust_remote_code=trust_remote_code, purpose="score")
     scorer = scoring.Scorer(lm, opts)
-    method = scorer.method
-    bar = _Progress() if output.progress_enabled() else None
     results = []
-    try:
-        for result in scorer.score(scoring.iter_inputs(sources, per_line=per_line),
-                                   progress=bar.update if bar else None):
+    with _Progress() as bar:
+        for result in scorer.score(texts, progress=bar.update if bar.enabled else None):
             # stdout carries scores only: an error record without a perplexity would sort first
             # in a `jq sort_by(.perplexity)` ranking. Failures go to stderr, and the exit code.
             if not result.ok:
-                output.error(result.error or "", result.hint)
-            elif fmt == "jsonl":
-                output.write_jsonl(_record(result, lm.name, method, per_line))
+                console.error(result.error or "", result.hint)
+            elif fmt is PerplexityFormat.jsonl:
+                console.write_jsonl(_record(result, lm.name, scorer.method, per_line))
             results.append(result)
-    finally:
-        if bar:
-            bar.close()
-
-    if not results:
-        raise InputError("no text to score: the input has only blank lines")
-    good = [r for r in results if r.ok]
-    if fmt == "json":
-        output.write(json.dumps(_document(results, lm.name, method, per_line),
-                                ensure_ascii=False, indent=2) + "\n")
-    elif fmt == "table" and good:
-        _print_table(results, lm.name, method)
-    if verbose or output.stderr_is_terminal():
-        output.notice(f"{lm.name} on {lm.device} ({lm.dtype}): {scorer.scored} tokens scored "
-                      f"in {len(good)} of {len(results)} inputs")
-    if len(good) < len(results):
-        if len(results) > 1:
-            what = "lines" if per_line else "inputs"
-            output.error(f"{len(results) - len(good)} of {len(results)} {what} could not be "
-                         "scored (see above)")
-        raise typer.Exit(EXIT_FAILURE)
+    _finish(results, fmt, lm, scorer, per_line, verbose)
 
 
-def _sources(files: list[str] | None) -> list[str]:
-    """The inputs: the files given, else stdin when it is piped (a usage error otherwise).
+def _texts(files: list[str] | None, per_line: bool) -> Iterator[inputs.Text]:
+    """The texts to score; an input with none is refused before any model loads.
 
-    When no file given exists, fail now rather than after loading a model for nothing (only
-    existence is checked: reading here would drain a FIFO such as ``<(producer)``).
+    When no file given exists, fail now (only existence is checked of the others: reading
+    here would drain a FIFO such as ``<(producer)``).
     """
-    from pathlib import Path
-
-    from nlgen import inputs
-
     if not files:
         if inputs.stdin_is_terminal():
             raise UsageError("no input given",
                              hint="nlgen perplexity FILE ..., or pipe a text on stdin")
-        return [inputs.STDIN]
-    if all(f != inputs.STDIN and not Path(f).exists() for f in files):
-        inputs.read_text(files[0])  # raises the message a missing file deserves
-    return files
+        files = [inputs.STDIN]
+    existing = [f for f in files if f == inputs.STDIN or Path(f).exists()]
+    if not existing:
+        inputs.check_file(files[0])  # raises the message a missing file deserves
+    texts = inputs.iter_texts(files, per_line=per_line)
+    first = next(texts, None)
+    if first is None:
+        raise InputError("no text to score: the input has only blank lines")
+    if len(files) == 1 and first.error is None and not first.text.strip():
+        raise InputError(f"no text to score: {first.name} is empty")
+    return chain([first], texts)
+
+
+def _finish(results: list[scoring.TextScore], fmt: PerplexityFormat, lm: loading.LoadedModel,
+            scorer: scoring.Scorer, per_line: bool, verbose: bool) -> None:
+    """The document or table that needs every result, the summary, and the exit code."""
+    good = [r for r in results if r.ok]
+    if fmt is PerplexityFormat.json:
+        console.write(json.dumps(_document(results, lm.name, scorer.method, per_line),
+                                 ensure_ascii=False, indent=2) + "\n")
+    elif fmt is PerplexityFormat.table and good:
+        _print_table(results, lm.name, scorer.method)
+    if verbose or console.stderr_is_terminal():
+        console.summary(lm.name, lm.device, lm.dtype,
+                        f"{console.plural(scorer.scored, 'token')} scored in {len(good)} of "
+                        f"{console.plural(len(results), 'input')}")
+    if len(good) < len(results):
+        if len(results) > 1:
+            what = "line" if per_line else "input"
+            console.error(f"{len(results) - len(good)} of "
+                          f"{console.plural(len(results), what)} could not be scored "
+                          "(see above)")
+        raise typer.Exit(EXIT_FAILURE)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -140,14 +146,16 @@ def _num(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _metrics(m: Any) -> dict[str, Any]:
+def _metrics(m: scoring.Metrics) -> dict[str, Any]:
     return {"perplexity": _num(m.perplexity), "nll": _num(m.nll),
             "bits_per_byte": _num(m.bits_per_byte), "word_perplexity": _num(m.word_perplexity),
             "tokens": m.tokens, "bytes": m.bytes, "words": m.words, "nll_sum": m.nll_sum}
 
 
-def _record(result: Any, model: str, method: Any, per_line: bool) -> dict[str, Any]:
+def _record(result: scoring.TextScore, model: str, method: scoring.Method,
+            per_line: bool) -> dict[str, Any]:
     """One input's record: its numbers, and the method beside them."""
+    assert result.metrics is not None  # only scored results are rendered
     record: dict[str, Any] = {"input": result.input.name}
     if per_line:
         record["line"] = result.input.line
@@ -159,17 +167,13 @@ def _record(result: Any, model: str, method: Any, per_line: bool) -> dict[str, A
     return record
 
 
-def _document(results: list[Any], model: str, method: Any, per_line: bool) -> dict[str, Any]:
+def _document(results: list[scoring.TextScore], model: str, method: scoring.Method,
+              per_line: bool) -> dict[str, Any]:
     """--format json: the inputs scored, those that failed and why, the total of the first."""
-    from nlgen import scoring
-
     good = [r for r in results if r.ok]
     summed = scoring.total(good)
-    failed = []
-    for r in results:
-        if not r.ok:
-            failed.append({"input": r.input.name, **({"line": r.input.line} if per_line else {}),
-                           "error": r.error})
+    failed = [{"input": r.input.name, **({"line": r.input.line} if per_line else {}),
+               "error": r.error} for r in results if not r.ok]
     return {
         "model": model,
         "inputs": [_record(r, model, method, per_line) for r in good],
@@ -180,12 +184,7 @@ def _document(results: list[Any], model: str, method: Any, per_line: bool) -> di
     }
 
 
-def _print_table(results: list[Any], model: str, method: Any) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from nlgen import scoring
-
+def _print_table(results: list[scoring.TextScore], model: str, method: scoring.Method) -> None:
     good = [r for r in results if r.ok]
     table = Table(title=f"Perplexity: {model}", title_justify="left")
     widest = max(len(r.input.label) for r in good)
@@ -193,12 +192,13 @@ def _print_table(results: list[Any], model: str, method: Any) -> None:
     for name in ("ppl", "nll/token", "bits/byte", "word ppl", "tokens", "bytes", "words"):
         table.add_column(name, justify="right", no_wrap=True)
 
-    def row(label: str, m: Any, **style: Any) -> None:
+    def row(label: str, m: scoring.Metrics, **style: Any) -> None:
         table.add_row(label, _short(m.perplexity), f"{m.nll:.4f}", f"{m.bits_per_byte:.4f}",
                       _short(m.word_perplexity), str(m.tokens), str(m.bytes), str(m.words),
                       **style)
 
     for r in good:
+        assert r.metrics is not None
         row(r.input.label, r.metrics)
     if len(good) > 1:
         row("total", scoring.total(good), style="bold", end_section=True)
@@ -206,10 +206,7 @@ def _print_table(results: list[Any], model: str, method: Any) -> None:
     table.caption = (f"window {method.max_length}, stride {method.stride}, {bos}, "
                      f"{method.dtype} on {method.device}. {scoring.NORMALISATION}.")
     table.caption_justify = "left"
-    from nlgen.output import stdout_is_terminal
-
-    # Off a terminal rich assumes 80 columns and would crop the numbers; a file gets them all.
-    Console(width=None if stdout_is_terminal() else 160).print(table)
+    console.stdout_console().print(table)
 
 
 def _short(x: float) -> str:
@@ -217,34 +214,14 @@ def _short(x: float) -> str:
     return f"{x:.2f}" if x < 1e6 else f"{x:.3e}"
 
 
-class _Progress:
-    """A progress bar on stderr (tokens scored / known so far), shown only for long inputs."""
+class _Progress(console.ProgressBar):
+    """Tokens scored / known so far, shown only on a terminal and only for long inputs."""
 
     def __init__(self) -> None:
-        self._progress: Any = None
-        self._task: Any = None
+        super().__init__("scoring tokens", TimeRemainingColumn())
+        self.enabled = console.progress_enabled()
 
-    def update(self, done: int, planned: int) -> None:
-        if self._progress is None:
-            if planned < PROGRESS_MIN_TOKENS:
-                return
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            from nlgen.output import stderr_console
-
-            self._progress = Progress(TextColumn("scoring tokens"), BarColumn(),
-                                      MofNCompleteColumn(), TimeRemainingColumn(),
-                                      console=stderr_console(), transient=True)
-            self._task = self._progress.add_task("score", total=planned)
-            self._progress.start()
-        self._progress.update(self._task, completed=done, total=planned)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+    def update(self, done: int, total: int, **fields: Any) -> None:
+        if self._progress is None and total < PROGRESS_MIN_TOKENS:
+            return
+        super().update(done, total, **fields)

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import typer
 
-from nlgen.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, NlgenError
-from nlgen.output import error, setup_logging
+from nlgen.cli.console import end_line, error, setup_logging
+from nlgen.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, ModelError, NlgenError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,7 +39,7 @@ def guard(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        setup_logging(verbose=bool(kwargs.get("verbose")))
+        setup_logging(verbose=bool(kwargs.get("verbose")), quiet=bool(kwargs.get("quiet")))
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -48,10 +48,10 @@ def guard(command: F) -> F:
             if debug_enabled():
                 raise
             flush_stdout_quietly()
-            error(exc.message, exc.hint)
+            error(_with_origin(exc, kwargs.get("ctx")), exc.hint)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            flush_stdout_quietly()  # what was printed stays intact
+            _end_line_quietly()  # what was printed stays intact, its last line ended
             error("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
@@ -67,6 +67,24 @@ def guard(command: F) -> F:
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _with_origin(exc: NlgenError, ctx: typer.Context | None) -> str:
+    """A model error about a value the user did not type says where the value came from."""
+    if isinstance(exc, ModelError) and ctx is not None:
+        source = ctx.get_parameter_source("model")
+        if source is not None and source.name == "ENVIRONMENT":
+            return f"{exc.message} (the model named by NLGEN_MODEL)"
+    return exc.message
+
+
+def _end_line_quietly() -> None:
+    try:
+        end_line()
+    except BrokenPipeError:
+        silence_stdout()
+    except (OSError, ValueError):
+        pass
 
 
 def flush_stdout_quietly() -> None:

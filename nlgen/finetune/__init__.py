@@ -1,0 +1,22 @@
+"""Fine-tuning: options -> data (checks, packing) -> a Trainer run -> an atomic model directory.
+
+Built on transformers' ``Trainer`` (README, "Design notes", says why not a hand-written loop).
+Rooms: ``options`` (what is asked), ``data`` (texts -> packed blocks), ``callback`` (events,
+samples, Ctrl-C), ``artifacts`` (output directory, checkpoints, run record), ``run`` (the
+order of it all), ``events`` (what the caller is told). Importing this package loads no torch.
+"""
+
+from nlgen.finetune.events import (
+    Evaluation,
+    Event,
+    FinetuneResult,
+    Sample,
+    Started,
+    StepProgress,
+    TrainingInterrupted,
+)
+from nlgen.finetune.options import FinetuneOptions
+from nlgen.finetune.run import finetune
+
+__all__ = ["Evaluation", "Event", "FinetuneOptions", "FinetuneResult", "Sample", "Started",
+           "StepProgress", "TrainingInterrupted", "finetune"]
