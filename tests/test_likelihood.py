@@ -267,3 +267,23 @@ def test_lora_adapter_switched_off_is_the_reference(tiny_model, tmp_path):
     assert one.metrics.kl > 1e-4  # the adapter changes the model
     assert one.metrics.kl_sum == pytest.approx(two.metrics.kl_sum, rel=1e-5)
     assert one.metrics.reference_nll_sum == pytest.approx(two.metrics.reference_nll_sum, rel=1e-6)
+
+
+def test_token_bytes_of_a_byte_fallback_tokenizer():
+    """Llama-2-style pieces: "\u2581" for a space, <0xNN> for a byte with no piece of its own."""
+    from types import SimpleNamespace
+
+    from tokenizers import decoders
+
+    from nlgen.token_bytes import TokenText
+
+    pieces = ["\u2581caf", "\u00e9", "<0xE6>", "<0x97>", "<0xA5>"]
+    fake = SimpleNamespace(
+        backend_tokenizer=SimpleNamespace(decoder=decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])),
+        convert_ids_to_tokens=lambda i: pieces[i],
+        decode=lambda ids: pieces[ids[0]].replace("\u2581", " "))  # good enough for the text
+    text = TokenText(fake)
+    assert text.kind == "byte_fallback"
+    joined = b"".join(bytes(text(i)[1]) for i in range(len(pieces)))
+    assert joined.decode("utf-8") == " caf\u00e9\u65e5"
