@@ -1,0 +1,324 @@
+"""Compare a model with a reference on texts: perplexities, their ratio, KL, top-1 agreement.
+
+Both models read the same sliding windows as ``nlgen perplexity`` (scoring.plan_windows), so
+each token is predicted once, by both. At each predicted position we take both log-softmaxes
+(float32) and add up, in float64:
+
+- each model's negative log-likelihood of the actual token (-> two perplexities, their ratio);
+- KL(reference || model) = sum_v p_ref(v) * (log p_ref(v) - log p_model(v)), nats: how much
+  the model's distribution has moved away from the reference's, over the whole vocabulary;
+- whether both models rank the same token first (top-1 agreement).
+
+Memory stays bounded: texts are read a group at a time, the body runs once per batch of windows
+(B, T, H), and the two LM heads run on a chunk of scored rows at a time, so at most
+``CHUNK_ELEMENTS`` logits per model exist at once: never (B, T, V).
+
+A LoRA fine-tune can be compared with its base without a second copy in memory: pass no
+reference model and a ``reference_ctx`` that switches the adapter off (peft's
+``model.disable_adapter``); every reference forward then runs inside it.
+
+Core module: no typer, no rich, no printing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from nlgen.errors import ModelError, UsageError
+from nlgen.models import LoadedModel
+from nlgen.scoring import (
+    CHUNK_ELEMENTS,
+    READ_AHEAD_TEXTS,
+    READ_AHEAD_WINDOWS,
+    Method,
+    ProgressCallback,
+    ScoreInput,
+    ScoreOptions,
+    _split_model,
+    plan_windows,
+    special_tokens_added,
+)
+
+log = logging.getLogger("nlgen")
+
+ReferenceContext = Callable[[], AbstractContextManager[Any]]
+_PROBE = "The quick brown fox, 42 times: naïve café – 日本語.\n\tEnd"  # spaces, digits, UTF-8
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Sums over the predicted tokens of one or more texts, and the metrics derived from them."""
+
+    reference_nll_sum: float  # nats, the reference's -log p(token), summed (float64)
+    nll_sum: float  # nats, the model's
+    kl_sum: float  # nats, KL(reference || model) summed over positions
+    agree: int  # positions where both models rank the same token first
+    tokens: int  # positions (tokens predicted)
+
+    @property
+    def reference_perplexity(self) -> float:
+        return _exp(self.reference_nll_sum / self.tokens) if self.tokens else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        return _exp(self.nll_sum / self.tokens) if self.tokens else math.nan
+
+    @property
+    def ratio(self) -> float:
+        """perplexity / reference_perplexity (from the sums, so no overflow of either)."""
+        if not self.tokens:
+            return math.nan
+        return _exp((self.nll_sum - self.reference_nll_sum) / self.tokens)
+
+    @property
+    def kl(self) -> float:
+        """Mean KL(reference || model) per token, nats."""
+        return self.kl_sum / self.tokens if self.tokens else math.nan
+
+    @property
+    def agreement(self) -> float:
+        """Share of positions where both models' most likely token is the same."""
+        return self.agree / self.tokens if self.tokens else math.nan
+
+
+@dataclass(frozen=True)
+class TextComparison:
+    """The result for one input: its sums, or why it could not be compared."""
+
+    input: ScoreInput
+    metrics: Divergence | None  # None when `error` is set
+    input_tokens: int = 0
+    windows: int = 0
+    error: str | None = None
+    hint: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def total(results: Iterable[TextComparison]) -> Divergence:
+    """Corpus-level sums over the compared inputs (token-weighted, like one long text)."""
+    good = [r.metrics for r in results if r.metrics is not None]
+    return Divergence(reference_nll_sum=math.fsum(m.reference_nll_sum for m in good),
+                      nll_sum=math.fsum(m.nll_sum for m in good),
+                      kl_sum=math.fsum(m.kl_sum for m in good),
+                      agree=sum(m.agree for m in good), tokens=sum(m.tokens for m in good))
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+# ----------------------------------------------------------------------------- the tokenizer
+
+
+def check_same_tokenizer(a: Any, b: Any) -> None:
+    """Raise ModelError unless tokenizers `a` and `b` turn text into the same token ids.
+
+    Per-token comparisons (KL, agreement) only mean something over one vocabulary: the same
+    tokens with the same ids, the same special tokens added, the same split of a text.
+    """
+    hint = "compare models of one family (a fine-tune and its base, two quantizations)"
+    vocab_a, vocab_b = a.get_vocab(), b.get_vocab()
+    if vocab_a != vocab_b:
+        differ = sorted(t for t in vocab_a.keys() | vocab_b.keys()
+                        if vocab_a.get(t) != vocab_b.get(t))
+        sample = ", ".join(f"{t!r}: {vocab_a.get(t)} vs {vocab_b.get(t)}" for t in differ[:3])
+        raise ModelError(f"the two models' tokenizers differ: vocabularies of {len(vocab_a)} and "
+                         f"{len(vocab_b)} tokens, {len(differ)} tokens differ ({sample})",
+                         hint=hint)
+    ids_a, ids_b = list(a(_PROBE)["input_ids"]), list(b(_PROBE)["input_ids"])
+    if ids_a != ids_b:
+        raise ModelError("the two models' tokenizers share a vocabulary but split text "
+                         f"differently ({len(ids_a)} vs {len(ids_b)} tokens for a sample)",
+                         hint=hint)
+
+
+def _check_models(lm: LoadedModel, reference: LoadedModel) -> None:
+    if reference.tokenizer is not lm.tokenizer:
+        check_same_tokenizer(lm.tokenizer, reference.tokenizer)
+    if reference.model is lm.model:
+        return
+    rows = [m.model.get_output_embeddings().weight.shape[0] for m in (lm, reference)]
+    if rows[0] != rows[1]:
+        raise ModelError(f"the two models predict over {rows[0]} and {rows[1]} tokens",
+                         hint="their output layers differ in size (padded vocabularies?)")
+    if lm.device != reference.device:
+        raise UsageError(f"the two models are on different devices ({lm.device}, "
+                         f"{reference.device})", hint="load both with the same --device")
+
+
+# ----------------------------------------------------------------------------- comparing
+
+
+@dataclass
+class _Pending:
+    """A text being compared: its tokens, its windows, what they have added up to so far."""
+
+    input: ScoreInput
+    ids: list[int] = field(default_factory=list)
+    windows: list[tuple[int, int, int]] = field(default_factory=list)
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # ref, nll, kl, agree
+    error: str | None = None
+    hint: str | None = None
+
+    def result(self) -> TextComparison:
+        if self.error is not None:
+            return TextComparison(self.input, None, len(self.ids), error=self.error,
+                                  hint=self.hint)
+        ref, nll, kl, agree = self.sums
+        metrics = Divergence(ref, nll, kl, int(agree), sum(e - f for _, e, f in self.windows))
+        return TextComparison(self.input, metrics, len(self.ids), windows=len(self.windows))
+
+
+class Comparer:
+    """A model and its reference, ready to compare on texts with fixed options.
+
+    ``reference=None`` means the model itself, read inside ``reference_ctx()`` (an adapter
+    switched off); one of the two is needed.
+    """
+
+    def __init__(self, lm: LoadedModel, opts: ScoreOptions, *,
+                 reference: LoadedModel | None = None,
+                 reference_ctx: ReferenceContext | None = None) -> None:
+        if reference is None and reference_ctx is None:
+            raise UsageError("nothing to compare the model with",
+                             hint="give a reference model, or an adapter to switch off")
+        self.lm, self.opts = lm, opts
+        self.reference = reference or lm
+        _check_models(lm, self.reference)
+        context = min(lm.context_length, self.reference.context_length)
+        self.max_length, self.stride = opts.resolve(context)
+        bos, eos = special_tokens_added(lm.tokenizer)
+        self.method = Method(self.max_length, self.stride, bos, eos, lm.dtype, lm.device)
+        self._ctx: ReferenceContext = reference_ctx or contextlib.nullcontext
+        self._model = _split_model(lm.model)
+        same = self.reference.model is lm.model
+        self._ref = self._model if same else _split_model(self.reference.model)
+        pad = lm.tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else 0
+        self.scored = 0  # tokens compared so far
+        self.planned = 0  # tokens to compare in the texts read so far
+
+    def compare(self, texts: Iterable[ScoreInput],
+                progress: ProgressCallback | None = None) -> Iterator[TextComparison]:
+        """A result per input, in input order, a read-ahead group at a time (as Scorer)."""
+        ahead_texts = self.opts.batch_size * READ_AHEAD_TEXTS
+        ahead_windows = self.opts.batch_size * READ_AHEAD_WINDOWS
+        group: list[_Pending] = []
+        n_windows = 0
+        for item in texts:
+            pending = self._prepare(item)
+            group.append(pending)
+            n_windows += len(pending.windows)
+            if len(group) >= ahead_texts or n_windows >= ahead_windows:
+                yield from self._run_group(group, progress)
+                group, n_windows = [], 0
+        yield from self._run_group(group, progress)
+
+    def _prepare(self, item: ScoreInput) -> _Pending:
+        pending = _Pending(item)
+        if item.error is not None:
+            pending.error, pending.hint = item.error, item.hint
+        elif not item.text.strip():
+            pending.error = f"{item.label}: empty text, nothing to compare"
+        else:
+            pending.ids = list(self.lm.tokenizer(item.text)["input_ids"])
+            if len(pending.ids) < 2:
+                pending.error = (f"{item.label}: too short to compare ({len(pending.ids)} "
+                                 "token; at least 2 are needed)")
+            else:
+                pending.windows = plan_windows(len(pending.ids), self.max_length, self.stride)
+                self.planned += sum(e - f for _, e, f in pending.windows)
+        return pending
+
+    def _run_group(self, group: list[_Pending],
+                   progress: ProgressCallback | None) -> Iterator[TextComparison]:
+        work = [(p, w) for p in group for w in p.windows]
+        work.sort(key=lambda pw: pw[1][1] - pw[1][0], reverse=True)  # stable: repeatable
+        size = self.opts.batch_size
+        for start in range(0, len(work), size):
+            batch = work[start:start + size]
+            for (p, _), sums in zip(batch, self._batch([(p.ids, w) for p, w in batch]),
+                                    strict=True):
+                p.sums = [a + b for a, b in zip(p.sums, sums, strict=True)]
+            self.scored += sum(w[1] - w[2] for _, w in batch)
+            if progress is not None:
+                progress(self.scored, self.planned)
+        for pending in group:
+            yield pending.result()
+
+    def _batch(self, batch: list[tuple[list[int], tuple[int, int, int]]]) -> list[list[float]]:
+        """[reference nll, model nll, KL, agreements] summed over each window's scored tokens."""
+        import torch
+
+        lengths = [end - begin for _, (begin, end, _) in batch]
+        width = max(lengths)
+        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
+        rows, cols, counts = [], [], []
+        for i, (tokens, (begin, end, first)) in enumerate(batch):
+            ids[i, : end - begin] = torch.tensor(tokens[begin:end])
+            mask[i, : end - begin] = 1
+            positions = range(first - 1 - begin, end - 1 - begin)  # position j predicts j + 1
+            rows.extend([i] * len(positions))
+            cols.extend(positions)
+            counts.append(len(positions))
+        row_index, col_index = torch.tensor(rows), torch.tensor(cols)
+        device = self.lm.device
+        targets = ids[row_index, col_index + 1].to(device)  # (N,)
+        ids, where = ids.to(device), (row_index.to(device), col_index.to(device))
+        attention = None if min(lengths) == width else mask.to(device)
+        with torch.inference_mode():
+            hidden = self._model[0](ids, attention)[where]  # (N, H)
+            with self._ctx():
+                ref_hidden = self._ref[0](ids, attention)[where]  # (N, H)
+            per_row = self._rows(hidden, ref_hidden, targets)  # (N, 4) float64
+        return [part.sum(dim=0).tolist() for part in torch.split(per_row, counts)]
+
+    def _rows(self, hidden: Any, ref_hidden: Any, targets: Any) -> Any:
+        """Per row: reference nll, model nll, KL(reference || model), 1.0 where top-1 agrees.
+
+        Both heads run a chunk of rows at a time; log-softmaxes in float32, the sum over the
+        vocabulary of each row's KL in float64 (it adds V small terms).
+        """
+        import torch
+
+        vocab = int(getattr(self.lm.model.config, "vocab_size", 0) or 50_000)
+        chunk = max(1, CHUNK_ELEMENTS // vocab)
+        out = torch.empty((hidden.shape[0], 4), dtype=torch.float64)  # (N, 4)
+        for start in range(0, hidden.shape[0], chunk):
+            part = slice(start, start + chunk)
+            tgt = targets[part][:, None]  # (C, 1)
+            lp = torch.log_softmax(self._model[1](hidden[part]).float(), dim=-1)  # (C, V)
+            with self._ctx():  # an adapter may sit on the LM head too
+                ref_logits = self._ref[1](ref_hidden[part])
+            ref_lp = torch.log_softmax(ref_logits.float(), dim=-1)  # (C, V)
+            ref_p = ref_lp.exp()  # (C, V)
+            # 0 * log(0 / q) is 0, not 0 * -inf = nan: tokens the reference rules out add nothing.
+            terms = torch.where(ref_p > 0, ref_p * (ref_lp - lp), 0.0)  # (C, V)
+            kl = terms.sum(dim=-1, dtype=torch.float64)  # (C,)
+            agree = (lp.argmax(dim=-1) == ref_lp.argmax(dim=-1)).double()  # (C,)
+            out[part] = torch.stack([-ref_lp.gather(1, tgt)[:, 0].double(),
+                                     -lp.gather(1, tgt)[:, 0].double(), kl, agree],
+                                    dim=1).cpu()
+        return out
+
+
+def compare_texts(lm: LoadedModel, texts: Iterable[ScoreInput], opts: ScoreOptions, *,
+                  reference: LoadedModel | None = None,
+                  reference_ctx: ReferenceContext | None = None,
+                  progress: ProgressCallback | None = None) -> Iterator[TextComparison]:
+    """Compare `lm` with `reference` (or with itself inside `reference_ctx`) on each input."""
+    return Comparer(lm, opts, reference=reference, reference_ctx=reference_ctx).compare(
+        texts, progress)
