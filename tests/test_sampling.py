@@ -100,7 +100,9 @@ def _chi_square(counts, probs, draws):
     return stat, len(big) - 1
 
 
-@pytest.mark.parametrize("opts", [{}, {"temperature": 0.7, "top_k": 20}])
+# The nlgen defaults (top-k 50, top-p 0.95), a sharper top-k, and the whole vocabulary.
+@pytest.mark.parametrize("opts", [{}, {"temperature": 0.7, "top_k": 20},
+                                  {"temperature": 1.3, "top_k": 0}])
 def test_first_token_frequencies_match_the_softmax(tiny_lm, opts):
     import torch
 
@@ -111,6 +113,7 @@ def test_first_token_frequencies_match_the_softmax(tiny_lm, opts):
         logits = tiny_lm.model(**enc).logits[:, -1].float()  # (1, V)
     warped = build_warpers(config)(enc["input_ids"], logits.clone())  # (1, V)
     probs = torch.softmax(warped, dim=-1)[0].double().tolist()
+    assert (min(probs) > 0) == (opts.get("top_k") == 0)
     # One row per draw, each with its own stream: as many prompts sampled once.
     sampler = gumbel_sampler(3, [(i, 0) for i in range(draws)])
     scores = sampler(None, warped.expand(draws, -1).clone())  # (draws, V)
