@@ -192,8 +192,8 @@ def shard(items: Iterable[T], *, this_rank: int | None = None,
       blocks, rank 1's results would wait (in memory) until rank 0 finished its whole block;
     - it balances: inputs whose cost drifts along the file (long texts together) are spread.
     Every rank reads the whole input and keeps its own items, so inputs must be files (or
-    arguments) every rank can read; STDIN reaches only one process. Pass ``enumerate(items)`` to
-    keep each item's global index.
+    arguments) every rank can read: STDIN is one pipe the ranks would split between them at
+    random. Pass ``enumerate(items)`` to keep each item's global index.
     """
     r = rank() if this_rank is None else this_rank
     w = world_size() if ranks is None else ranks
