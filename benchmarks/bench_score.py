@@ -49,7 +49,7 @@ def make_requests(n: int) -> list[tuple[str, str]]:
 
 
 def load(name: str):
-    from nlgen.models import load_model
+    from nlgen.loading import load_model
 
     if name == "tiny":
         sys.path.insert(0, str(ROOT / "tests"))

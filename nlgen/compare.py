@@ -31,18 +31,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nlgen.errors import ModelError, UsageError
-from nlgen.models import LoadedModel
+from nlgen.inputs import Text
+from nlgen.loading import LoadedModel
 from nlgen.scoring import (
     CHUNK_ELEMENTS,
     READ_AHEAD_TEXTS,
     READ_AHEAD_WINDOWS,
     Method,
     ProgressCallback,
-    ScoreInput,
     ScoreOptions,
-    _split_model,
     plan_windows,
     special_tokens_added,
+    split_model,
 )
 
 log = logging.getLogger("nlgen")
@@ -91,7 +91,7 @@ class Divergence:
 class TextComparison:
     """The result for one input: its sums, or why it could not be compared."""
 
-    input: ScoreInput
+    input: Text
     metrics: Divergence | None  # None when `error` is set
     input_tokens: int = 0
     windows: int = 0
@@ -165,7 +165,7 @@ def _check_models(lm: LoadedModel, reference: LoadedModel) -> None:
 class _Pending:
     """A text being compared: its tokens, its windows, what they have added up to so far."""
 
-    input: ScoreInput
+    input: Text
     ids: list[int] = field(default_factory=list)
     windows: list[tuple[int, int, int]] = field(default_factory=list)
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # ref, nll, kl, agree
@@ -202,15 +202,15 @@ class Comparer:
         bos, eos = special_tokens_added(lm.tokenizer)
         self.method = Method(self.max_length, self.stride, bos, eos, lm.dtype, lm.device)
         self._ctx: ReferenceContext = reference_ctx or contextlib.nullcontext
-        self._model = _split_model(lm.model)
+        self._model = split_model(lm.model)
         same = self.reference.model is lm.model
-        self._ref = self._model if same else _split_model(self.reference.model)
+        self._ref = self._model if same else split_model(self.reference.model)
         pad = lm.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else 0
         self.scored = 0  # tokens compared so far
         self.planned = 0  # tokens to compare in the texts read so far
 
-    def compare(self, texts: Iterable[ScoreInput],
+    def compare(self, texts: Iterable[Text],
                 progress: ProgressCallback | None = None) -> Iterator[TextComparison]:
         """A result per input, in input order, a read-ahead group at a time (as Scorer)."""
         ahead_texts = self.opts.batch_size * READ_AHEAD_TEXTS
@@ -226,7 +226,7 @@ class Comparer:
                 group, n_windows = [], 0
         yield from self._run_group(group, progress)
 
-    def _prepare(self, item: ScoreInput) -> _Pending:
+    def _prepare(self, item: Text) -> _Pending:
         pending = _Pending(item)
         if item.error is not None:
             pending.error, pending.hint = item.error, item.hint
@@ -315,7 +315,7 @@ class Comparer:
         return out
 
 
-def compare_texts(lm: LoadedModel, texts: Iterable[ScoreInput], opts: ScoreOptions, *,
+def compare_texts(lm: LoadedModel, texts: Iterable[Text], opts: ScoreOptions, *,
                   reference: LoadedModel | None = None,
                   reference_ctx: ReferenceContext | None = None,
                   progress: ProgressCallback | None = None) -> Iterator[TextComparison]:

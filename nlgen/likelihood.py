@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nlgen.errors import UsageError
-from nlgen.models import LoadedModel
-from nlgen.scoring import CHUNK_ELEMENTS, _split_model
+from nlgen.loading import LoadedModel
+from nlgen.scoring import CHUNK_ELEMENTS, split_model
 from nlgen.token_bytes import TokenText
 
 log = logging.getLogger("nlgen")
@@ -180,7 +180,7 @@ class ContinuationScorer:
         self.top_k = min(self.opts.top_k, int(lm.model.config.vocab_size or self.opts.top_k))
         self.want_tokens = self.opts.want_tokens or self.top_k > 0
         self.text = TokenText(lm.tokenizer)
-        self._body, self._head = _split_model(lm.model)
+        self._body, self._head = split_model(lm.model)
         pad = lm.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else 0
         self.scored = 0  # requests scored (or failed) so far

@@ -227,7 +227,7 @@ class Scorer:
         self.max_length, self.stride = opts.resolve(lm.context_length)
         bos, eos = special_tokens_added(lm.tokenizer)
         self.method = Method(self.max_length, self.stride, bos, eos, lm.dtype, lm.device)
-        self._body, self._head = _split_model(lm.model)
+        self._body, self._head = split_model(lm.model)
         pad = lm.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else 0
         self.scored = 0  # tokens scored so far, all texts
@@ -338,7 +338,7 @@ class Scorer:
         return int(getattr(self.lm.model.config, "vocab_size", 0) or 50_000)
 
 
-def _split_model(model: Any) -> tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]:
+def split_model(model: Any) -> tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]:
     """(body, head): hidden states of a batch, and the LM head (with its scaling) on rows.
 
     The split is checked once against the model's own forward on a few tokens; where they

@@ -14,9 +14,10 @@ from conftest import CORPUS, build_tiny_gpt2
 
 from nlgen import compare, likelihood
 from nlgen.errors import ModelError, UsageError
+from nlgen.inputs import Text
 from nlgen.likelihood import Request, encode_pair, score_continuations
-from nlgen.models import LoadedModel, load_model
-from nlgen.scoring import ScoreInput, ScoreOptions, plan_windows
+from nlgen.loading import LoadedModel, load_model
+from nlgen.scoring import ScoreOptions, plan_windows
 
 TEXT = CORPUS.read_text(encoding="utf-8")
 WORDS = TEXT.split()
@@ -211,7 +212,7 @@ def test_kl_and_perplexities_match_brute_force(tiny_lm, other_lm):
     compare.check_same_tokenizer(tiny_lm.tokenizer, other_lm.tokenizer)
     texts = [TEXT[:400], TEXT[400:520]]
     opts = ScoreOptions(max_length=32, stride=12, batch_size=3)
-    results = list(compare.compare_texts(other_lm, [ScoreInput("t", t) for t in texts], opts,
+    results = list(compare.compare_texts(other_lm, [Text("t", t) for t in texts], opts,
                                          reference=tiny_lm))
     for text, result in zip(texts, results, strict=True):
         ids = tiny_lm.tokenizer(text)["input_ids"]
@@ -228,7 +229,7 @@ def test_kl_and_perplexities_match_brute_force(tiny_lm, other_lm):
 
 
 def test_a_model_against_itself(tiny_lm):
-    items = [ScoreInput("a", TEXT[:500]), ScoreInput("b", " "), ScoreInput("c", TEXT[500:700])]
+    items = [Text("a", TEXT[:500]), Text("b", " "), Text("c", TEXT[500:700])]
     results = list(compare.compare_texts(tiny_lm, items, ScoreOptions(max_length=64),
                                          reference=tiny_lm))
     assert [r.ok for r in results] == [True, False, True]
@@ -260,7 +261,7 @@ def test_lora_adapter_switched_off_is_the_reference(tiny_model, tmp_path):
                                                  init_lora_weights=False))
     # The inner model (adapter layers injected) keeps the body/head split of nlgen.scoring.
     lora = LoadedModel(peft.base_model.model, base.tokenizer, "lora", "", "cpu", "float32")
-    items = [ScoreInput("t", TEXT[:300])]
+    items = [Text("t", TEXT[:300])]
     opts = ScoreOptions(max_length=32)
     [one] = compare.compare_texts(lora, items, opts, reference_ctx=peft.disable_adapter)
     [two] = compare.compare_texts(lora, items, opts, reference=plain)
