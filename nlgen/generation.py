@@ -8,21 +8,18 @@ every earlier prompt is done.
 
 from __future__ import annotations
 
-import ast
-import difflib
-import json
 import logging
 import math
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from nlgen.errors import InputError, NlgenError, UsageError, first_line
+from nlgen.extra_options import kebab
 from nlgen.inputs import Prompt
 from nlgen.loading import LoadedModel
+from nlgen.streaming import StopAwareStreamer, cut_at_stop, read_windows
 
 log = logging.getLogger("nlgen")
 
@@ -30,7 +27,6 @@ log = logging.getLogger("nlgen")
 # the model's own generation config does not ask for sampling itself.
 GPT2_SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.95}
 DEFAULT_MAX_NEW_TOKENS = 50
-WINDOW_BATCHES = 8  # prompts read ahead = batch_size * this, sorted by length inside the window
 
 
 @dataclass(frozen=True)
@@ -64,22 +60,22 @@ class GenerationOptions:
                     "num_return_sequences": self.num_return_sequences}
         for name, value in positive.items():
             if value is not None and value < 1:
-                raise UsageError(f"--{_kebab(name)} must be at least 1 (got {value})")
+                raise UsageError(f"--{kebab(name)} must be at least 1 (got {value})")
         non_negative = {"min_new_tokens": self.min_new_tokens, "top_k": self.top_k,
                         "no_repeat_ngram_size": self.no_repeat_ngram_size}
         for name, value in non_negative.items():
             if value is not None and value < 0:
-                raise UsageError(f"--{_kebab(name)} must be 0 or more (got {value})")
+                raise UsageError(f"--{kebab(name)} must be 0 or more (got {value})")
         for name, value in {"temperature": self.temperature,
                             "repetition_penalty": self.repetition_penalty,
                             "max_time": self.max_time}.items():
             # `not 0 < value < inf` also refuses nan, which every comparison fails.
             if value is not None and not 0 < value < math.inf:
-                raise UsageError(f"--{_kebab(name)} must be greater than 0 and finite "
+                raise UsageError(f"--{kebab(name)} must be greater than 0 and finite "
                                  f"(got {value})")
         for name, value in {"top_p": self.top_p, "typical_p": self.typical_p}.items():
             if value is not None and not 0 < value <= 1:
-                raise UsageError(f"--{_kebab(name)} must be in (0, 1] (got {value})")
+                raise UsageError(f"--{kebab(name)} must be in (0, 1] (got {value})")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise UsageError(f"--min-p must be in [0, 1] (got {self.min_p})")
         if self.max_new_tokens is not None and self.max_length is not None:
@@ -88,7 +84,7 @@ class GenerationOptions:
             sampling = [n for n in ("temperature", "top_k", "top_p", "min_p", "typical_p")
                         if getattr(self, n) is not None]
             if sampling:
-                raise UsageError(f"--greedy does not sample; drop --{_kebab(sampling[0])}")
+                raise UsageError(f"--greedy does not sample; drop --{kebab(sampling[0])}")
         beams = self.num_beams or 1
         if self.num_return_sequences > 1 and self.greedy and self.num_return_sequences > beams:
             raise UsageError("greedy decoding gives one sequence per prompt; use "
@@ -106,81 +102,6 @@ class GenerationOptions:
     @property
     def streamable(self) -> bool:
         return self.num_return_sequences == 1 and (self.num_beams or 1) == 1
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-# -o keys refused: those with an option of their own (two ways to say one thing, and the option
-# would silently win), and those nlgen sets itself because the output's shape depends on them.
-OWN_OPTION = {name: f"--{_kebab(name)}" for name in (
-    "max_new_tokens", "max_length", "min_new_tokens", "temperature", "top_k", "top_p", "min_p",
-    "typical_p", "repetition_penalty", "no_repeat_ngram_size", "num_beams",
-    "num_return_sequences", "max_time")} | {"stop_strings": "--stop"}
-SET_BY_NLGEN = ("pad_token_id", "return_dict_in_generate", "output_scores", "output_logits",
-                "output_attentions", "output_hidden_states", "transformers_version",
-                "_from_model_config", "compile_config", "continuous_batching_config")
-
-
-def parse_extra_options(pairs: Iterable[str]) -> tuple[tuple[str, Any], ...]:
-    """``-o KEY=VALUE`` -> ((key, value), ...), each key and value checked by GenerationConfig.
-
-    Values are JSON (``true``, ``0.6``, ``[[1, 2]]``), or Python literals, or else plain strings.
-    What GenerationConfig can check without a model is checked here, before any model loads;
-    what only generate() checks is reported as a usage error when it raises.
-    """
-    pairs = list(pairs)
-    if not pairs:
-        return ()
-    from transformers import GenerationConfig
-
-    known = set(GenerationConfig().to_dict()) - set(SET_BY_NLGEN)
-    parsed = []
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise UsageError(f"-o expects KEY=VALUE (got {pair!r})")
-        if key in OWN_OPTION:
-            raise UsageError(f"-o {key} has an option of its own", hint=f"use {OWN_OPTION[key]}")
-        if key in SET_BY_NLGEN:
-            raise UsageError(f"-o {key}: nlgen sets this itself")
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known | set(OWN_OPTION)), n=3,
-                                              cutoff=0.5)
-            hint = ("did you mean " + ", ".join(close) + "?") if close else (
-                "see GenerationConfig in the transformers docs for the fields")
-            raise UsageError(f"unknown generation option {key!r}", hint=hint)
-        parsed.append((key, _parse_value(raw.strip())))
-    _validate_extra(GenerationConfig, dict(parsed))
-    return tuple(parsed)
-
-
-def _validate_extra(config_class: Any, extra: dict[str, Any]) -> None:
-    """GenerationConfig's own checks on the -o values, in a config where every one is used."""
-    import warnings
-
-    # Sampling and beams on, so that validate() judges the values rather than warning that a
-    # sampling or beam flag is unused.
-    trial = {"do_sample": True, "num_beams": 2, **extra}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config_class(**trial).validate(strict=True)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"invalid -o value: {first_line(exc)}") from None
-
-
-def _parse_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        pass
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
 
 
 @dataclass(frozen=True)
@@ -331,7 +252,7 @@ def generate(
     lm.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     batch_size = 1 if on_text else opts.batch_size
     source = enumerate(p if isinstance(p, Prompt) else Prompt(p) for p in prompts)
-    for raw_window, failure in _windows(source, batch_size):
+    for raw_window, failure in read_windows(source, batch_size):
         window: list[_Prepared] = []
         try:
             for i, prompt in raw_window:
@@ -363,51 +284,6 @@ def generate(
             raise failure
 
 
-_END = object()
-
-
-def _windows(source: Iterator[tuple[int, Prompt]], batch_size: int,
-             ) -> Iterator[tuple[list[tuple[int, Prompt]], NlgenError | None]]:
-    """Group prompts into windows without waiting on a slow producer.
-
-    A reader thread pulls prompts (perhaps from a pipe that trickles) into a queue. Each window
-    takes the first prompt waiting, then whatever else has already arrived, up to
-    ``batch_size * WINDOW_BATCHES``: a fast producer fills whole batches, a slow one (a person
-    typing, a script emitting now and then) gets each prompt answered as it comes. A read error
-    (a non-UTF-8 line) ends the input after the good prompts before it are done.
-    """
-    items: queue.Queue = queue.Queue()
-
-    def reader() -> None:
-        try:
-            for item in source:
-                items.put(item)
-            items.put(_END)
-        except BaseException as exc:  # handed to the consumer, which raises it in its thread
-            items.put(exc)
-
-    threading.Thread(target=reader, daemon=True, name="nlgen-prompts").start()
-    limit = batch_size * WINDOW_BATCHES
-    while True:
-        window: list[tuple[int, Prompt]] = []
-        item = items.get()
-        while True:
-            if item is _END or isinstance(item, BaseException):
-                failure = item if isinstance(item, NlgenError) else None
-                if isinstance(item, BaseException) and failure is None:
-                    raise item
-                yield window, failure
-                return
-            window.append(item)
-            if len(window) >= limit:
-                break
-            try:  # more already waiting, or about to be (a fast producer): take it along
-                item = items.get(timeout=0.02 if len(window) < batch_size else 0)
-            except queue.Empty:
-                break
-        yield window, None
-
-
 def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
                     opts: GenerationOptions, stats: GenerationStats,
                     on_text: Callable[[str], None] | None) -> list[list[Generation]]:
@@ -416,7 +292,7 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     input_ids = encoded["input_ids"].to(lm.device)  # (B, T) left-padded
     attention_mask = encoded["attention_mask"].to(lm.device)  # (B, T)
     max_new = max(p.max_new for p in batch)
-    streamer = _StopAwareStreamer(tokenizer, opts.stop, on_text) if on_text else None
+    streamer = StopAwareStreamer(tokenizer, opts.stop, on_text) if on_text else None
     started = time.perf_counter()
     try:
         output = lm.model.generate(
@@ -463,59 +339,3 @@ def _eos_ids(config: Any, tokenizer: Any) -> set[int]:
     if eos is None:
         return set()
     return set(eos) if isinstance(eos, (list, tuple)) else {eos}
-
-
-def cut_at_stop(text: str, stops: Iterable[str]) -> str | None:
-    """The text before the earliest stop string, or None when no stop string occurs."""
-    positions = [p for p in (text.find(s) for s in stops) if p >= 0]
-    return text[: min(positions)] if positions else None
-
-
-class _StopAwareStreamer:
-    """A transformers streamer that hands out decoded text as it grows, never past a stop string.
-
-    It decodes the whole completion at each step (cheap next to a forward pass) and holds back
-    text that may still change: an incomplete UTF-8 character, or a tail that could be the start
-    of a stop string.
-    """
-
-    def __init__(self, tokenizer: Any, stops: tuple[str, ...], emit: Callable[[str], None]):
-        self.tokenizer = tokenizer
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.emit = emit
-        self.ids: list[int] = []
-        self.sent = ""  # the text already emitted
-        self.prompt_seen = False
-        self.stopped = False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:  # generate() first passes the prompt itself
-            self.prompt_seen = True
-            return
-        if self.stopped:
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = cut_at_stop(text, self.stops) if self.stops else None
-        if cut is not None:
-            self._send(cut)
-            self.stopped = True
-            return
-        # Trailing U+FFFD: bytes of a character not complete yet; they may still change.
-        stable = len(text.rstrip("\ufffd"))
-        safe = stable - self.hold  # a stop string may still begin in the last `hold` chars
-        if safe > len(self.sent):
-            self._send(text[:safe])
-
-    def end(self) -> None:
-        pass  # the final text is sent by finish(), which knows the exact cut
-
-    def finish(self, completion: str) -> None:
-        self._send(completion)
-
-    def _send(self, text: str) -> None:
-        # Text once printed cannot be taken back: only ever extend what was sent.
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            self.emit(text[len(self.sent):])
-            self.sent = text

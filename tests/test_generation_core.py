@@ -7,15 +7,15 @@ import logging
 import pytest
 
 from nlgen.errors import InputError, UsageError
+from nlgen.extra_options import parse_extra_options
 from nlgen.generation import (
     GPT2_SAMPLING,
     GenerationOptions,
     GenerationStats,
     build_generation_config,
-    cut_at_stop,
     generate,
-    parse_extra_options,
 )
+from nlgen.streaming import cut_at_stop
 
 PROMPTS = [
     "Once upon a time there was",
@@ -120,11 +120,20 @@ def test_num_return_sequences(tiny_lm):
     assert [(r.index, r.sequence) for r in results] == [(i, s) for i in range(2) for s in range(3)]
 
 
-def test_beam_search_runs_deterministically(tiny_lm):
+def test_beam_search_is_transformers_beam_search(tiny_lm):
+    import torch
+
     opts = GenerationOptions(num_beams=3, num_return_sequences=2, max_new_tokens=6)
-    a = [r.completion for r in generate(tiny_lm, ["The fox"], opts)]
-    b = [r.completion for r in generate(tiny_lm, ["The fox"], opts)]
-    assert a == b and len(a) == 2
+    ours = [r.completion for r in generate(tiny_lm, ["The fox"], opts)]
+    ids = tiny_lm.tokenizer("The fox", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = tiny_lm.model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=3,
+                                     num_return_sequences=2, do_sample=False, max_new_tokens=6,
+                                     pad_token_id=tiny_lm.tokenizer.pad_token_id)
+    theirs = [tiny_lm.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True)
+              for row in out]
+    assert ours == theirs and ours[0] != ours[1]
+    assert ours == [r.completion for r in generate(tiny_lm, ["The fox"], opts)]
 
 
 def test_long_prompt_truncated_from_the_left_with_a_warning(tiny_lm, caplog):

@@ -49,8 +49,38 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     assert gguf.cache_dir() == tmp_path / "xdg" / "nlgen"
 
 
-def test_hub_probe_honours_offline_flag():
-    assert loading.hub_reachable() is False  # HF_HUB_OFFLINE=1 in the test environment
+class _Connection:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_hub_probe_honours_offline_flag_and_remembers_failures(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("NLGEN_CACHE", str(tmp_path))
+    calls = []
+
+    def connect(address, timeout):
+        calls.append(address)
+        if fail:
+            raise OSError("unreachable")
+        return _Connection()
+
+    monkeypatch.setattr(loading.socket, "create_connection", connect)
+    fail = False
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert loading.hub_reachable() is False and calls == []  # the flag wins, no probe
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert loading.hub_reachable() is True and len(calls) == 1  # a reachable Hub says so
+    fail = True
+    assert loading.hub_reachable() is False and len(calls) == 2
+    assert loading.hub_reachable() is False and len(calls) == 2  # remembered: no second wait
+    (tmp_path / "hub-unreachable").unlink()
+    fail = False
+    assert loading.hub_reachable() is True and len(calls) == 3
 
 
 def test_device_and_dtype_validation():

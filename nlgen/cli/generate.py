@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from nlgen import generation, inputs, loading
+from nlgen import extra_options, generation, inputs, loading
 from nlgen.cli import console
 from nlgen.cli.options import (
     BatchSizeOpt,
@@ -134,7 +134,7 @@ def generate(
         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         num_beams=num_beams, num_return_sequences=num_return_sequences, greedy=greedy,
         seed=seed, max_time=max_time, stop=tuple(stop or ()),
-        extra=generation.parse_extra_options(option or ()), batch_size=batch_size, chat=chat,
+        extra=extra_options.parse_extra_options(option or ()), batch_size=batch_size, chat=chat,
         truncate=not no_truncate,
     )
     jsonl = fmt is GenerateFormat.jsonl
