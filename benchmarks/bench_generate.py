@@ -1,164 +1,375 @@
-"""Side-by-side benchmark of `nlgen generate` against plain transformers, in one run.
+"""Side-by-side benchmark of `nlgen generate` against plain transformers and llama.cpp, in one run.
 
 Measures, on the same machine in the same run:
   1. `nlgen --help` wall time (whole process);
-  2. a cold `nlgen generate "Once upon a time" -n 128` process against a plain transformers
-     script doing the same (load the model from the GGUF file, generate 128 tokens);
-  3. single-prompt tokens/s: nlgen (dtype auto, and float32) against a plain `generate()` call
-     on the same weights in float32, same options;
-  4. throughput for 32 prompts: nlgen batched against nlgen one by one.
+  2. a new `nlgen generate "Once upon a time" -n 128` process against plain transformers scripts
+     doing the same from the SAME converted safetensors copy nlgen loads (float32, and
+     bfloat16), and against a `llama-completion` process on the GGUF file;
+  3. time to the first streamed token of `nlgen generate --stream` (and of llama-completion):
+     from process start to the first byte after the echoed prompt;
+  4. single-prompt tokens/s: nlgen (dtype auto, and float32) against a plain `generate()` call
+     on the same weights, same options, and against `llama-bench` tg128 at the same threads;
+  5. throughput for 32 prose prompts x 32 tokens: nlgen batched against nlgen one by one.
 
-Runs are interleaved (A B A B ...) and medians are reported, so that drift on a shared machine
-affects both sides alike. Usage:
+All decoding is greedy with exactly --new-tokens new tokens (EOS ignored), so every side does
+the same amount of work. Runs are interleaved (A B C A B C ...) after one untimed warm-up round
+(file cache and the converted-model cache warm), and medians are reported, so that drift on a
+shared machine affects all sides alike. The load average (`uptime`) is printed at the start
+and the end: compare rows of a loaded run, not its absolute speeds.
+
+The llama.cpp rows need llama-bench and llama-completion, built by
+`benchmarks/build_llama_cpp.sh`; they are looked for in $NLGEN_LLAMA_CPP_BIN, then in
+${NLGEN_BENCH_CACHE:-~/.cache/nlgen-bench}/bin, and skipped with a note when missing.
 
     python benchmarks/bench_generate.py [--repeats 3] [--out benchmarks/results/generate.md]
+    python benchmarks/bench_generate.py --quick     # smoke run: 1 repeat, 8 tokens, no file
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import re
+import select
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Once upon a time"
+PROSE = ROOT / "examples" / "data" / "garden.txt"
+
+# The plain transformers way, as a user would write it: load the float32 safetensors copy that
+# nlgen converted from the GGUF file once (argv[1]), in argv[2]'s dtype, generate, print.
 PLAIN_SCRIPT = r"""
 import sys, torch
-from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
-gguf = Path(sys.argv[1])
-tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-inputs = tok("Once upon a time", return_tensors="pt")
-out = model.generate(**inputs, max_new_tokens=128, min_new_tokens=128, do_sample=False)
+source, dtype, n, prompt = sys.argv[1], getattr(torch, sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+tok = AutoTokenizer.from_pretrained(source)
+model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+inputs = tok(prompt, return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 print(tok.decode(out[0], skip_special_tokens=True))
 """
 
 
+@dataclass
+class Row:
+    measure: str
+    nlgen: str
+    baseline: str
+    ratio: str
+
+
 def wall(cmd: list[str], env: dict) -> float:
     started = time.perf_counter()
-    subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
     return time.perf_counter() - started
+
+
+def first_token(cmd: list[str], env: dict, prompt: str, timeout: float = 300) -> float:
+    """Seconds from process start to the first byte of generated text on its stdout.
+
+    Both nlgen and llama-completion echo the prompt before generating, and that echo comes only
+    after the model has loaded, so it is not a token: the clock stops at the first byte that
+    arrives after the whole prompt has been seen. Decoding runs with a minimum length, so that
+    byte is a token's text, not the final newline of an early EOS. Both flush each piece as it
+    is decoded (a piece can hold back an incomplete UTF-8 character: what a reader sees is what
+    counts). The process is stopped once it has been seen.
+    """
+    target = prompt.encode()
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    fd, seen = proc.stdout.fileno(), b""
+    try:
+        while time.perf_counter() - started < timeout:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            now = time.perf_counter() - started
+            if not chunk:
+                break
+            seen += chunk
+            at = seen.find(target)
+            if at >= 0 and len(seen) > at + len(target):
+                return now
+        raise RuntimeError(f"no generated text after the prompt from {cmd[0]}: {seen[-200:]!r}")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def load_average() -> str:
+    try:
+        out = subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout
+        return out.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "loadavg " + Path("/proc/loadavg").read_text().strip()
+
+
+def find_llama_cpp() -> Path | None:
+    """The folder that holds llama-bench and llama-completion, or None."""
+    places = []
+    if os.environ.get("NLGEN_LLAMA_CPP_BIN"):
+        places.append(Path(os.environ["NLGEN_LLAMA_CPP_BIN"]))
+    cache = os.environ.get("NLGEN_BENCH_CACHE") or Path.home() / ".cache" / "nlgen-bench"
+    places.append(Path(cache) / "bin")
+    for place in places:
+        if all(os.access(place / b, os.X_OK) for b in ("llama-bench", "llama-completion")):
+            return place
+    return None
+
+
+def prose_prompts(count: int) -> list[str]:
+    """`count` sentences of real prose (cycled if the file has fewer): varied lengths, as in use."""
+    paragraphs = re.split(r"\n\s*\n", PROSE.read_text(encoding="utf-8"))
+    sentences = [s.strip() for p in paragraphs if p.rstrip().endswith((".", "!", "?"))  # no title
+                 for s in re.split(r"(?<=[.!?])\s+", " ".join(p.split()))]
+    return [sentences[i % len(sentences)] for i in range(count)]
+
+
+def ratio(a: float, b: float, what: str) -> str:
+    return f"{a / b:.2f} ({what})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--out", default="benchmarks/results/generate.md")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for llama.cpp (default: torch's, which nlgen uses)")
+    parser.add_argument("--out", default=None,
+                        help="default benchmarks/results/generate.md (none with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 repeat, 8 new tokens, 8 prompts; writes no file "
+                        "unless --out is given")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.new_tokens = 1, 8
+    out = args.out or (None if args.quick else "benchmarks/results/generate.md")
+    n, reps = args.new_tokens, args.repeats
+    n_prompts, batch_tokens = (8, 8) if args.quick else (32, 32)
+
+    load_start = load_average()
+    print(f"load at start: {load_start}", file=sys.stderr, flush=True)
 
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
-    from nlgen import gguf, loading
+    from nlgen import loading
     from nlgen.generation import GenerationOptions, generate
 
+    threads = args.threads or torch.get_num_threads()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     nlgen = [sys.executable, "-m", "nlgen"]
-    rows: list[tuple[str, str, str, str]] = []
-    gguf_file = loading.builtin_gguf_path()
-    directory = gguf.converted_dir(gguf_file)  # warm the cache once, outside the timings
+    rows: list[Row] = []
+    notes: list[str] = []
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        print(f"{row.measure}: {row.nlgen} | {row.baseline} | {row.ratio}", file=sys.stderr,
+              flush=True)
+
+    gguf = loading.builtin_gguf_path()
+    auto_lm = loading.load_model("builtin", device="cpu", dtype="auto")  # converts once if needed
+    source = auto_lm.source  # the safetensors copy nlgen loads: the plain scripts load it too
+    llama = find_llama_cpp()
+    if llama is None:
+        notes.append("llama.cpp rows skipped: no llama-bench/llama-completion in "
+                     "$NLGEN_LLAMA_CPP_BIN or the bench cache (run benchmarks/build_llama_cpp.sh)")
+        print(notes[-1], file=sys.stderr, flush=True)
 
     # 1. --help
-    helps = [wall([*nlgen, "--help"], env) for _ in range(max(5, args.repeats))]
-    rows.append(("`nlgen --help` (process wall time)", f"{median(helps):.3f} s", "-", "-"))
-    print(rows[-1], file=sys.stderr, flush=True)
+    helps = [wall([*nlgen, "--help"], env) for _ in range(max(5, reps))]
+    add(Row("`nlgen --help` (process wall time)", f"{median(helps):.3f} s", "-", "-"))
 
-    # 2. cold process: nlgen vs the plain script (both greedy, exactly 128 new tokens)
+    # 2. a new process, greedy, exactly n new tokens; the ratio is nlgen's time over the other's
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(PLAIN_SCRIPT)
         plain_path = f.name
-    ours, theirs = [], []
-    for _ in range(args.repeats):
-        ours.append(wall([*nlgen, "generate", "--model", "builtin", "--greedy", "-n", "128",
-                          "--min-new-tokens", "128", "Once upon a time"], env))
-        theirs.append(wall([sys.executable, plain_path, str(gguf_file)], env))
-    rows.append(("cold `nlgen generate -n 128` vs plain script (process wall time)",
-                 f"{median(ours):.1f} s", f"{median(theirs):.1f} s",
-                 f"{median(theirs) / median(ours):.2f}x faster"))
-    print(rows[-1], file=sys.stderr, flush=True)
+    procs = {
+        "nlgen": [*nlgen, "generate", "--model", "builtin", "--greedy", "-n", str(n),
+                  "--min-new-tokens", str(n), PROMPT],
+        "plain float32": [sys.executable, plain_path, source, "float32", str(n), PROMPT],
+        "plain bfloat16": [sys.executable, plain_path, source, "bfloat16", str(n), PROMPT],
+    }
 
-    # 3. single prompt tokens/s, in process
-    n = args.new_tokens
-    tok_lm = loading.load_model("builtin", device="cpu", dtype="auto")
+    def llama_completion(tokens: int) -> list[str]:
+        # -no-cnv: the GGUF has a chat template, which would otherwise start a chat session.
+        return [str(llama / "llama-completion"), "-m", str(gguf), "-p", PROMPT, "-n", str(tokens),
+                "-t", str(threads), "--temp", "0", "--ignore-eos", "-no-cnv"]
+
+    if llama:
+        procs["llama-completion"] = llama_completion(n)
+    for cmd in procs.values():  # warm-up: file cache, first-run work
+        wall(cmd, env)
+    times: dict[str, list[float]] = {k: [] for k in procs}
+    for _ in range(reps):
+        for name, cmd in procs.items():
+            times[name].append(wall(cmd, env))
+    ours = median(times["nlgen"])
+    what = f"new process, `generate -n {n}` (wall time)"
+    for name in procs:
+        if name != "nlgen":
+            theirs = median(times[name])
+            add(Row(f"{what}: nlgen ({auto_lm.dtype}) vs {name}", f"{ours:.2f} s",
+                    f"{theirs:.2f} s", ratio(ours, theirs, "time, nlgen / baseline")))
+    os.unlink(plain_path)
+
+    # 3. time to the first streamed token, warm caches (the warm-up above loaded everything)
+    ttft_cmds = {"nlgen": [*nlgen, "generate", "--model", "builtin", "--stream", "--greedy",
+                           "-n", "16", "--min-new-tokens", "16", PROMPT]}
+    if llama:
+        ttft_cmds["llama-completion"] = llama_completion(16)
+    first_token(ttft_cmds["nlgen"], env, PROMPT)  # warm-up
+    ttft: dict[str, list[float]] = {k: [] for k in ttft_cmds}
+    for _ in range(reps):
+        for name, cmd in ttft_cmds.items():
+            ttft[name].append(first_token(cmd, env, PROMPT))
+    if llama:
+        a, b = median(ttft["nlgen"]), median(ttft["llama-completion"])
+        add(Row("first streamed token, from process start: `nlgen generate --stream` vs "
+                "llama-completion", f"{a:.2f} s", f"{b:.2f} s",
+                ratio(a, b, "time, nlgen / baseline")))
+    else:
+        add(Row("first streamed token, from process start: `nlgen generate --stream`",
+                f"{median(ttft['nlgen']):.2f} s", "-", "-"))
+
+    # 4. single prompt tokens/s, in process, the same weights
+    same_dtype = getattr(torch, auto_lm.dtype)
     f32_lm = loading.load_model("builtin", device="cpu", dtype="float32")
-    plain = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    plain = {"float32": AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()}
+    if auto_lm.dtype != "float32":
+        plain[auto_lm.dtype] = AutoModelForCausalLM.from_pretrained(source,
+                                                                    dtype=same_dtype).eval()
     tokenizer = f32_lm.tokenizer
     opts = GenerationOptions(greedy=True, max_new_tokens=n, min_new_tokens=n)
 
     def nlgen_tps(lm) -> float:
         started = time.perf_counter()
-        [result] = generate(lm, ["Once upon a time"], opts)
+        [result] = generate(lm, [PROMPT], opts)
         return result.completion_tokens / (time.perf_counter() - started)
 
-    def plain_tps() -> float:
-        inputs = tokenizer("Once upon a time", return_tensors="pt")
+    def plain_tps(model) -> float:
+        inputs = tokenizer(PROMPT, return_tensors="pt")
         started = time.perf_counter()
         with torch.inference_mode():
-            out = plain.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return (out.shape[1] - inputs["input_ids"].shape[1]) / (time.perf_counter() - started)
 
-    nlgen_tps(tok_lm), plain_tps()  # warm-up: first-call allocations
-    auto, f32, base = [], [], []
-    for _ in range(args.repeats):
-        auto.append(nlgen_tps(tok_lm))
-        f32.append(nlgen_tps(f32_lm))
-        base.append(plain_tps())
-    rows.append((f"single prompt, {n} tokens: nlgen dtype auto ({tok_lm.dtype}) vs plain "
-                 "transformers float32", f"{median(auto):.1f} tok/s", f"{median(base):.1f} tok/s",
-                 f"{median(auto) / median(base):.2f}x"))
-    rows.append((f"single prompt, {n} tokens: nlgen float32 vs plain transformers float32",
-                 f"{median(f32):.1f} tok/s", f"{median(base):.1f} tok/s",
-                 f"{median(f32) / median(base):.2f}x"))
-    print(rows[-2:], file=sys.stderr, flush=True)
+    def llama_tg() -> tuple[float, dict]:
+        # tg{n}: n tokens decoded from an empty context; llama-bench warms up on its own.
+        res = subprocess.run(
+            [str(llama / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "0",
+             "-n", str(n), "-r", "1", "-o", "json"],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
+        [record] = json.loads(res.stdout)
+        return float(record["avg_ts"]), record
 
-    # 4. 32 prompts: batched vs one by one (nlgen, dtype auto, 32 new tokens each)
-    prompts = [f"Story number {i}: once upon a time, in a land of {w}," for i, w in
-               enumerate(["rivers", "mountains", "cities", "forests"] * 8)]
-    batch_opts = GenerationOptions(greedy=True, max_new_tokens=32, min_new_tokens=32,
-                                   batch_size=32)
-    single_opts = GenerationOptions(greedy=True, max_new_tokens=32, min_new_tokens=32,
-                                    batch_size=1)
+    nlgen_tps(auto_lm), [plain_tps(m) for m in plain.values()]  # warm-up: first-call allocations
+    tps: dict[str, list[float]] = {"auto": [], "float32": [],
+                                   **{f"plain {k}": [] for k in plain}, "llama": []}
+    llama_info: dict = {}
+    for _ in range(reps):
+        tps["auto"].append(nlgen_tps(auto_lm))
+        tps["float32"].append(nlgen_tps(f32_lm))
+        for k, model in plain.items():
+            tps[f"plain {k}"].append(plain_tps(model))
+        if llama:
+            ts, llama_info = llama_tg()
+            tps["llama"].append(ts)
+    what = f"single prompt, {n} tokens"
+    auto, f32 = median(tps["auto"]), median(tps["float32"])
+    rows_tps = [(f"nlgen dtype auto ({auto_lm.dtype}) vs plain transformers float32", auto,
+                 "plain float32")]
+    if auto_lm.dtype != "float32":
+        rows_tps.append((f"nlgen dtype auto vs plain transformers {auto_lm.dtype}", auto,
+                         f"plain {auto_lm.dtype}"))
+    rows_tps.append(("nlgen float32 vs plain transformers float32", f32, "plain float32"))
+    for label, speed, key in rows_tps:
+        base = median(tps[key])
+        add(Row(f"{what}: {label}", f"{speed:.1f} tok/s", f"{base:.1f} tok/s",
+                ratio(speed, base, "speed, nlgen / baseline")))
+    if llama:
+        tg = median(tps["llama"])
+        add(Row(f"{what}: nlgen dtype auto ({auto_lm.dtype}) vs llama.cpp `llama-bench` "
+                f"tg{n}, {threads} threads ({llama_info.get('model_type', 'GGUF')})",
+                f"{auto:.1f} tok/s", f"{tg:.1f} tok/s",
+                ratio(auto, tg, "speed, nlgen / baseline")))
+        notes.append(f"llama.cpp build {llama_info.get('build_commit', '?')} "
+                     f"({llama_info.get('build_number', '?')}) from {llama}; llama.cpp runs the "
+                     "GGUF's quantized weights as they are, nlgen and the plain scripts run the "
+                     "float32 copy dequantized from them (or bfloat16). tg counts decode only, "
+                     "from an empty context; the nlgen rows time the whole generate() call "
+                     "(prompt included).")
+    del plain
 
-    def throughput(o: GenerationOptions) -> float:
+    # 5. prose prompts: batched vs one by one (nlgen, dtype auto)
+    prompts = prose_prompts(n_prompts)
+
+    def throughput(batch_size: int) -> float:
+        o = GenerationOptions(greedy=True, max_new_tokens=batch_tokens,
+                              min_new_tokens=batch_tokens, batch_size=batch_size)
         started = time.perf_counter()
-        tokens = sum(r.completion_tokens for r in generate(tok_lm, prompts, o))
+        tokens = sum(r.completion_tokens for r in generate(auto_lm, prompts, o))
         return tokens / (time.perf_counter() - started)
 
     batched, single = [], []
-    for _ in range(max(1, args.repeats - 1)):
-        batched.append(throughput(batch_opts))
-        single.append(throughput(single_opts))
-    rows.append(("32 prompts x 32 tokens: batch 32 vs one by one (nlgen, auto dtype)",
-                 f"{median(batched):.1f} tok/s", f"{median(single):.1f} tok/s",
-                 f"{median(batched) / median(single):.2f}x"))
+    for _ in range(max(1, reps - 1)):
+        batched.append(throughput(n_prompts))
+        single.append(throughput(1))
+    add(Row(f"{n_prompts} prose prompts x {batch_tokens} tokens: batch {n_prompts} vs one by "
+            f"one (nlgen, {auto_lm.dtype})", f"{median(batched):.1f} tok/s",
+            f"{median(single):.1f} tok/s",
+            ratio(median(batched), median(single), "speed, batched / one by one")))
 
+    load_end = load_average()
+    print(f"load at end: {load_end}", file=sys.stderr, flush=True)
     cpu = platform.processor() or platform.machine()
+    command = "python benchmarks/bench_generate.py " + (
+        "--quick" if args.quick else f"--repeats {reps}")
     lines = [
-        f"Command: `python benchmarks/bench_generate.py --repeats {args.repeats}`",
+        f"Command: `{command}`",
         "",
-        f"Machine: {os.cpu_count()} cores ({cpu}), torch {torch.__version__}, "
-        f"transformers {__import__('transformers').__version__}; model: builtin "
-        f"(SmolLM2-135M-Instruct); medians of {args.repeats} interleaved runs.",
+        f"Machine: {os.cpu_count()} cores ({cpu}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
+        f"model: builtin (SmolLM2-135M-Instruct, {gguf.name}); greedy, exactly {n} new tokens; "
+        f"medians of {reps} interleaved runs after one warm-up.",
+        "",
+        f"Load at start: `{load_start}`",
         "",
         "| measure | nlgen | baseline | ratio |",
         "| --- | --- | --- | --- |",
-        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        *[f"| {r.measure} | {r.nlgen} | {r.baseline} | {r.ratio} |" for r in rows],
+        "",
+        f"Load at end: `{load_end}`",
+        "",
+        *[f"- {note}" for note in notes],
     ]
-    report = "\n".join(lines) + "\n"
+    report = "\n".join(lines).rstrip() + "\n"
     print(report)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(report, encoding="utf-8")
-    os.unlink(plain_path)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(report, encoding="utf-8")
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":
