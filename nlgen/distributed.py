@@ -86,7 +86,7 @@ def is_distributed() -> bool:
 def device_for_rank(requested: str = "auto") -> str:
     """The ``--device`` this rank should load its model on.
 
-    One process: ``requested`` unchanged (``nlgen.loading.resolve_device`` decides). Several: each
+    One process: ``requested`` unchanged (``nlgen.devices.resolve_device`` decides). Several: each
     rank takes its own GPU, ``cuda:LOCAL_RANK``, when CUDA is asked for (or ``auto`` finds it);
     otherwise the CPU. An explicit ``cuda:N`` would put every rank on the same GPU, so under a
     launcher it means "CUDA" too.

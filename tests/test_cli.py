@@ -87,3 +87,14 @@ def test_core_never_imports_the_cli_libraries():
         names |= {node.module.split(".")[0] for node in ast.walk(tree)
                   if isinstance(node, ast.ImportFrom) and node.module}
         assert not names & {"typer", "rich", "click"}, path
+
+
+def test_cli_choices_match_what_the_core_accepts():
+    """The Enums of cli/options.py are the core's choices: a choice --help offers always works."""
+    from nlgen.cli import options
+    from nlgen.devices import DTYPES
+    from nlgen.finetune.options import DEVICES, PRECISIONS
+
+    assert tuple(e.value for e in options.Dtype) == DTYPES
+    assert tuple(e.value for e in options.Precision) == PRECISIONS
+    assert tuple(e.value for e in options.TrainDevice) == DEVICES

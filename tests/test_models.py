@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import run_nlgen
 
-from nlgen import gguf, loading
+from nlgen import devices, gguf, loading
 from nlgen.errors import ModelError, UsageError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -85,21 +85,21 @@ def test_hub_probe_honours_offline_flag_and_remembers_failures(monkeypatch, tmp_
 
 def test_device_and_dtype_validation():
     for ok in ("auto", "cpu", "cuda", "cuda:1", "mps"):
-        assert loading.check_device_spec(ok) == ok
+        assert devices.check_device_spec(ok) == ok
     with pytest.raises(UsageError):
-        loading.check_device_spec("gpu")
+        devices.check_device_spec("gpu")
     with pytest.raises(UsageError):
-        loading.check_dtype_spec("float8")
-    assert loading.resolve_device("auto") == "cpu"  # no GPU on the test machines
-    assert loading.resolve_dtype("float16", "cpu") == "float16"
-    assert loading.resolve_dtype("auto", "cpu", purpose="score") == "float32"
-    expected = "bfloat16" if loading.cpu_has_fast_bf16() else "float32"
-    assert loading.resolve_dtype("auto", "cpu") == expected
+        devices.check_dtype_spec("float8")
+    assert devices.resolve_device("auto") == "cpu"  # no GPU on the test machines
+    assert devices.resolve_dtype("float16", "cpu") == "float16"
+    assert devices.resolve_dtype("auto", "cpu", purpose="score") == "float32"
+    expected = "bfloat16" if devices.cpu_has_fast_bf16() else "float32"
+    assert devices.resolve_dtype("auto", "cpu") == expected
 
 
 def test_cuda_requested_without_a_gpu():
     with pytest.raises(ModelError, match="CUDA is not available"):
-        loading.resolve_device("cuda")
+        devices.resolve_device("cuda")
 
 
 def test_tiny_model_loads_with_pad_token(tiny_lm):

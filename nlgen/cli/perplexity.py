@@ -13,7 +13,7 @@ import typer
 from rich.progress import TimeRemainingColumn
 from rich.table import Table
 
-from nlgen import inputs, loading, scoring
+from nlgen import devices, inputs, loading, scoring
 from nlgen.cli import console
 from nlgen.cli.options import (
     BatchSizeOpt,
@@ -71,7 +71,7 @@ def perplexity(
       nlgen generate -N 8 "The sea" --format jsonl | jq -r .text |
         nlgen perplexity --per-line --format jsonl | jq -s 'sort_by(.perplexity)'
     """
-    loading.check_device_spec(device)
+    devices.check_device_spec(device)
     opts = scoring.ScoreOptions(max_length=max_length, stride=stride, batch_size=batch_size)
     texts = _texts(files, per_line)
     if fmt is PerplexityFormat.auto:
