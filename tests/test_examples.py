@@ -30,13 +30,21 @@ def scripts() -> list[str]:
     return sorted(p.name for p in EXAMPLES.glob("*.sh"))
 
 
-def test_every_example_is_covered():
+TINY = [n for n in scripts() if n not in BUILTIN_ONLY | SLOW]
+BUILTIN = [n for n in scripts() if n in BUILTIN_ONLY | SLOW]
+
+
+def test_every_example_is_run_and_documented():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(scripts()) >= 5
+    assert (BUILTIN_ONLY | SLOW) <= set(scripts()), "a listed example no longer exists"
     for name in scripts():
         assert os.access(EXAMPLES / name, os.X_OK), f"{name} is not executable"
+        assert (name in TINY) != (name in BUILTIN), f"{name} must run exactly once"
+        assert f"`{name}`" in readme, f"{name} is not in the README's examples table"
 
 
-@pytest.mark.parametrize("name", [n for n in scripts() if n not in BUILTIN_ONLY | SLOW])
+@pytest.mark.parametrize("name", TINY)
 def test_example_on_the_tiny_model(name, tiny_model):
     if "jq" in (EXAMPLES / name).read_text() and not shutil.which("jq"):
         pytest.skip("jq is not installed")
@@ -50,7 +58,7 @@ def test_example_on_the_tiny_model(name, tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in scripts() if n in BUILTIN_ONLY | SLOW])
+@pytest.mark.parametrize("name", BUILTIN)
 def test_example_on_the_builtin_model(name):
     result = run_example(name, "builtin")
     assert result.returncode == 0, result.stderr
