@@ -163,3 +163,15 @@ class ProgressBar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def token_logprobs(tokens: Any) -> list[dict[str, Any]]:
+    """Tokens with their log-probs in OpenAI's shape: {token, logprob, bytes, top_logprobs}.
+
+    `tokens` are nlgen.likelihood.TokenLogprob (duck-typed: the CLI never imports the core's
+    tensors). ``top_logprobs`` is always there, empty when no alternatives were asked for.
+    """
+    return [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes),
+             "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.bytes)}
+                              for a in t.top]}
+            for t in tokens]
