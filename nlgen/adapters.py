@@ -41,20 +41,29 @@ def same_model(a: str, b: str) -> bool:
 def adapter_switch(model: Any) -> ReferenceContext | None:
     """A context that switches `model`'s LoRA adapters off (the base model), or None.
 
-    A peft ``PeftModel`` (finetune --lora) has ``disable_adapter()``; a transformers model that
-    loaded an adapter directory has ``disable_adapters()`` / ``enable_adapters()``.
+    A peft ``PeftModel`` (finetune --lora) has ``disable_adapter()``. A transformers model that
+    loaded an adapter directory has ``disable_adapters()``, but transformers 5 refuses it below
+    peft 0.22; it only toggles each adapter layer, which we do here ourselves.
     """
     if callable(getattr(model, "disable_adapter", None)):
         return model.disable_adapter  # type: ignore[no-any-return]
     if not getattr(model, "_hf_peft_config_loaded", False):
         return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
+    if not layers:
+        return None
 
     @contextlib.contextmanager
     def switched_off() -> Iterator[None]:
-        model.disable_adapters()
+        for layer in layers:
+            layer.enable_adapters(False)
         try:
             yield
         finally:
-            model.enable_adapters()
+            for layer in layers:
+                layer.enable_adapters(True)
 
     return switched_off
