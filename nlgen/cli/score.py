@@ -76,21 +76,17 @@ def score(
 ) -> None:
     """Score completions: log-likelihood given a prompt, and multiple-choice predictions.
 
-    One JSON object a line: {"prompt": ..., "completion": ...} gets logprob (sum of the
-    completion's token log-probs, nats), num_tokens, num_bytes, is_greedy (every token is the
-    model's first choice) and truncated (the prompt lost tokens on its left). {"prompt": ...,
-    "choices": [...], "label": k} gets logprobs (one per choice; num_tokens, num_bytes,
-    is_greedy and truncated become lists too), pred (highest logprob), pred_norm (highest
-    logprob per byte) and, with a label, acc and acc_norm (1 or 0). Every output record holds
-    the input's fields too. Tokenisation as lm-eval's loglikelihood.
+    Records, one JSON object a line: {"prompt", "completion"} gets logprob (the completion's
+    token log-probs summed, nats), num_tokens, num_bytes, is_greedy (every token the model's
+    first choice) and truncated (the prompt lost tokens on its left). {"prompt", "choices",
+    "label"?} gets logprobs (one a choice; the other keys become lists), pred (highest
+    logprob), pred_norm (highest per byte) and, with a label, acc and acc_norm (1 or 0). The
+    input's fields come back too. Tokenisation as lm-eval's loglikelihood. With --reference:
+    reference_logprob(s), the reference model's (with its own tokenizer).
 
-    Accuracy over the file (acc, acc_norm, their standard errors) closes the run: on stderr,
-    or in the document's "summary" with --format json. With --reference, records also hold
-    reference_logprob(s): the reference model's, with its own tokenizer.
-
-    A bad record (not JSON, a missing field, an empty completion, a label out of range) is one
-    Error line on stderr naming its file and line; the other records are still scored, and
-    the exit code is 1.
+    acc and acc_norm over the file (with standard errors) close the run on stderr, or sit in
+    the document's "summary" with --format json. A bad record is one Error line naming its
+    file and line; the others are still scored, and the exit code is 1.
 
     Examples:
 
@@ -107,14 +103,20 @@ def score(
     items = _items(files, text, fields)
     if fmt is ScoreFormat.auto:
         fmt = ScoreFormat.table if console.stdout_is_terminal() else ScoreFormat.jsonl
-    comparison.adapter_of(model, reference)  # a usage error (--reference base) before loading
 
     models = comparison.load(model, reference, device=device, dtype=dtype.value,
                              trust_remote_code=trust_remote_code)
     scorer = records.RecordScorer(models.lm, opts, reference=models.reference,
                                   reference_ctx=models.reference_ctx)
     started = time.perf_counter()
-    results: list[records.RecordScore] = []
+    results = _score(scorer, items, fmt)
+    _finish(results, fmt, models, scorer, time.perf_counter() - started, verbose)
+
+
+def _score(scorer: records.RecordScorer, items: Iterator[records.Item],
+           fmt: ScoreFormat) -> list[records.RecordScore]:
+    """Every result; jsonl records written as they come, errors on stderr as they come."""
+    results = []
     with console.ProgressBar("scoring records") as bar:
         progress = bar.update if console.progress_enabled() else None
         for result in scorer.score(items, progress=progress):
@@ -123,7 +125,7 @@ def score(
             elif fmt is ScoreFormat.jsonl:
                 console.write_jsonl(score_render.record(result, scorer.scorer.want_tokens))
             results.append(result)
-    _finish(results, fmt, models, scorer, time.perf_counter() - started, verbose)
+    return results
 
 
 def _items(files: list[str] | None, text: bool,
