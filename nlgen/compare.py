@@ -38,8 +38,10 @@ from nlgen.scoring import (
     READ_AHEAD_TEXTS,
     READ_AHEAD_WINDOWS,
     Method,
+    Metrics,
     ProgressCallback,
     ScoreOptions,
+    TextScore,
     plan_windows,
     special_tokens_added,
     split_model,
@@ -213,12 +215,21 @@ class Comparer:
     def compare(self, texts: Iterable[Text],
                 progress: ProgressCallback | None = None) -> Iterator[TextComparison]:
         """A result per input, in input order, a read-ahead group at a time (as Scorer)."""
+        return self._compare((self._prepare(item) for item in texts), progress)
+
+    def compare_ids(self, sequences: Iterable[list[int]],
+                    progress: ProgressCallback | None = None) -> Iterator[TextComparison]:
+        """As :meth:`compare`, on sequences already tokenized (finetune's validation blocks)."""
+        return self._compare((self._windows(_Pending(Text(f"sequence {i}"), list(ids)))
+                              for i, ids in enumerate(sequences)), progress)
+
+    def _compare(self, prepared: Iterable[_Pending],
+                 progress: ProgressCallback | None) -> Iterator[TextComparison]:
         ahead_texts = self.opts.batch_size * READ_AHEAD_TEXTS
         ahead_windows = self.opts.batch_size * READ_AHEAD_WINDOWS
         group: list[_Pending] = []
         n_windows = 0
-        for item in texts:
-            pending = self._prepare(item)
+        for pending in prepared:
             group.append(pending)
             n_windows += len(pending.windows)
             if len(group) >= ahead_texts or n_windows >= ahead_windows:
@@ -234,12 +245,16 @@ class Comparer:
             pending.error = f"{item.label}: empty text, nothing to compare"
         else:
             pending.ids = list(self.lm.tokenizer(item.text)["input_ids"])
-            if len(pending.ids) < 2:
-                pending.error = (f"{item.label}: too short to compare ({len(pending.ids)} "
-                                 "token; at least 2 are needed)")
-            else:
-                pending.windows = plan_windows(len(pending.ids), self.max_length, self.stride)
-                self.planned += sum(e - f for _, e, f in pending.windows)
+            self._windows(pending)
+        return pending
+
+    def _windows(self, pending: _Pending) -> _Pending:
+        if len(pending.ids) < 2:
+            pending.error = (f"{pending.input.label}: too short to compare ({len(pending.ids)} "
+                             "token; at least 2 are needed)")
+        else:
+            pending.windows = plan_windows(len(pending.ids), self.max_length, self.stride)
+            self.planned += sum(e - f for _, e, f in pending.windows)
         return pending
 
     def _run_group(self, group: list[_Pending],
@@ -322,3 +337,41 @@ def compare_texts(lm: LoadedModel, texts: Iterable[Text], opts: ScoreOptions, *,
     """Compare `lm` with `reference` (or with itself inside `reference_ctx`) on each input."""
     return Comparer(lm, opts, reference=reference, reference_ctx=reference_ctx).compare(
         texts, progress)
+
+
+# ----------------------------------------------------------------------------- as a perplexity
+
+
+@dataclass(frozen=True)
+class ComparedScore(TextScore):
+    """A perplexity result that carries its comparison with the reference as well."""
+
+    divergence: Divergence | None = None
+    reference: str | None = None  # the reference model's name, as shown
+
+
+class ReferenceScorer:
+    """A Comparer with scoring.Scorer's interface: ``perplexity --reference`` swaps one in.
+
+    The model's perplexity comes from the same pass as the comparison (its nll is summed there
+    anyway), so comparing costs the reference's forward passes and nothing more.
+    """
+
+    def __init__(self, comparer: Comparer, reference_name: str | None = None) -> None:
+        self.comparer = comparer
+        self.method = comparer.method
+        self.reference_name = reference_name or comparer.reference.name
+
+    @property
+    def scored(self) -> int:
+        return self.comparer.scored
+
+    def score(self, texts: Iterable[Text],
+              progress: ProgressCallback | None = None) -> Iterator[ComparedScore]:
+        for r in self.comparer.compare(texts, progress):
+            d = r.metrics
+            metrics = None if d is None else Metrics(
+                nll_sum=d.nll_sum, tokens=d.tokens, bytes=len(r.input.text.encode("utf-8")),
+                words=len(r.input.text.split()))
+            yield ComparedScore(r.input, metrics, r.input_tokens, r.windows, r.error, r.hint,
+                                divergence=d, reference=self.reference_name)

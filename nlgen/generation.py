@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from nlgen import token_logprobs
 from nlgen.errors import InputError, NlgenError, UsageError, first_line
 from nlgen.extra_options import kebab
 from nlgen.inputs import Prompt
+from nlgen.likelihood import TokenLogprob
 from nlgen.loading import LoadedModel
 from nlgen.streaming import StopAwareStreamer, cut_at_stop, read_windows
 
@@ -53,8 +55,10 @@ class GenerationOptions:
     batch_size: int = 8
     chat: bool = False  # wrap the prompt as the user turn of the model's chat template
     truncate: bool = True  # cut over-long prompts from the left (else fail)
+    logprobs: int | None = None  # each new token's log-prob and this many alternatives; None: off
 
     def __post_init__(self) -> None:
+        token_logprobs.check(self.logprobs, self.num_beams)
         positive = {"max_new_tokens": self.max_new_tokens, "max_length": self.max_length,
                     "num_beams": self.num_beams, "batch_size": self.batch_size,
                     "num_return_sequences": self.num_return_sequences}
@@ -116,6 +120,7 @@ class Generation:
     completion_tokens: int  # tokens generated, EOS included
     finish_reason: str  # "eos" | "stop" (a --stop string) | "length" | "time"
     line: int | None = None  # the prompt's line in its file, when read one a line
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per completion token, when asked
 
     @property
     def text(self) -> str:
@@ -298,8 +303,9 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
         output = lm.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
             max_new_tokens=max_new, tokenizer=tokenizer if opts.stop else None,
-            streamer=streamer,
+            streamer=streamer, **token_logprobs.request(opts.logprobs),
         )  # (B * num_return_sequences, T + new)
+        output, step_logits = token_logprobs.unpack(output)
     except (ValueError, TypeError) as exc:
         if not opts.extra:
             raise  # our own call with checked options: a bug, shown as one
@@ -329,6 +335,9 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
                                    len(ids), finish, item.prompt.line))
         results.append(gens)
     stats.seconds += elapsed
+    if step_logits is not None:
+        results = token_logprobs.attach(lm.tokenizer, results, step_logits, new_tokens,
+                                        opts.num_return_sequences, opts.logprobs or 0)
     if streamer is not None:
         streamer.finish(results[0][0].completion)
     return results

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from nlgen.errors import InputError
 
@@ -189,6 +189,64 @@ def iter_texts(sources: Iterable[str], *, per_line: bool = False) -> Iterator[Te
                 yield read_text(name)
         except InputError as exc:
             yield Text(shown, error=exc.message, hint=exc.hint)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One line of a .jsonl input: its fields, or why it is not a record (then `fields` is None).
+
+    Blank lines are not records. A bad line (not UTF-8, not JSON, not an object) is a Record
+    with an error, in its place, so a command can report it and carry on with the next line.
+    """
+
+    name: str  # a path or "<stdin>"
+    line: int
+    fields: dict[str, Any] | None = None
+    error: str | None = None
+    hint: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.line}"
+
+
+def iter_records(name: str) -> Iterator[Record]:
+    """The records of a .jsonl file (``-`` = stdin), one a non-blank line, read lazily.
+
+    Each line is decoded and parsed on its own, so one bad line costs that line only. A file
+    that cannot be opened raises InputError (nothing of it can be read).
+    """
+    shown = display_name(name)
+    stream = _open_binary(name)
+    try:
+        for number, raw in enumerate(stream, 1):
+            try:
+                line = _decode(raw, f"{shown} line {number}", first=number == 1)
+            except InputError as exc:
+                yield Record(shown, number, error=exc.message, hint=exc.hint)
+                continue
+            if line.strip():
+                yield _parse_record(shown, number, line)
+    finally:
+        if name != STDIN:
+            stream.close()
+
+
+def _parse_record(name: str, number: int, line: str) -> Record:
+    try:
+        fields = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return Record(name, number, error=f"{name}:{number}: not JSON ({exc.msg}, column "
+                      f"{exc.colno})", hint="one JSON object a line; plain text needs --text")
+    if not isinstance(fields, dict):
+        return Record(name, number, error=f"{name}:{number}: a JSON {_json_type(fields)}, not "
+                      "an object", hint='one object a line: {"field": value, ...}')
+    return Record(name, number, fields)
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 # ----------------------------------------------------------------------------- training data

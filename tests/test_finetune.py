@@ -62,6 +62,7 @@ def test_loss_drops_and_output_is_complete(trained):
     assert not (out.parent / "model.checkpoints").exists()  # removed after success
     assert not list(out.parent.glob(".model.*"))  # no temporary left behind
     assert "validation perplexity (before training" in result.stderr
+    assert "KL from the base" in result.stderr  # next to the perplexity before -> after
     assert "sample at step 4: 'The fox" in result.stderr
     assert "step 8/8" in result.stderr
 
@@ -76,6 +77,7 @@ def test_run_record(trained, tiny_model: Path):
     assert (hp["max_steps"], hp["learning_rate"], hp["batch_size"], hp["block_size"],
             hp["seed"], hp["precision"]) == (8, 1e-3, 4, 128, 0, "fp32")
     assert rec["steps"] == 8
+    assert 0 < rec["validation_kl"] < 10  # nats per token, the result against its base
     assert rec["tokens_seen"] == 8 * 4 * 128
     assert rec["wall_time_s"] > 0 and rec["train_tokens_per_second"] > 0
     assert rec["validation"] == {"split": 0.05}
@@ -216,6 +218,7 @@ def test_lora_trains_and_merges(tiny_model, tmp_path, cli):
     ppl = record(out)["validation_perplexity"]
     assert ppl["after"] < ppl["before"]
     assert record(out)["lora"]["merged"] is True
+    assert record(out)["validation_kl"] > 0  # the adapter switched off is the base
     assert cli("generate", "--model", str(out), "-n", "3", "--greedy", "A").exit_code == 0
 
     kept = tmp_path / "adapters"

@@ -238,6 +238,19 @@ def test_a_model_against_itself(tiny_lm):
     assert abs(m.kl) < 1e-6 and m.agreement == 1.0 and m.ratio == 1.0
 
 
+def test_compare_ids_equals_compare_on_the_same_tokens(tiny_lm, other_lm):
+    """finetune's validation KL reads token blocks; they give what the text they encode gives."""
+    opts = ScoreOptions(max_length=32, stride=32, batch_size=2)
+    ids = tiny_lm.tokenizer(TEXT[:300])["input_ids"]
+    comparer = compare.Comparer(other_lm, opts, reference=tiny_lm)
+    [from_ids] = comparer.compare_ids([ids])
+    [from_text] = comparer.compare([Text("t", TEXT[:300])])
+    assert from_ids.metrics == from_text.metrics
+    ref_nll, nll, kl, agree, tokens = brute_compare(other_lm.model, tiny_lm.model, ids, 32, 32)
+    assert from_ids.metrics.kl_sum == pytest.approx(kl, rel=1e-4)
+    assert (from_ids.metrics.tokens, from_ids.metrics.agree) == (tokens, agree)
+
+
 def test_different_tokenizers_are_refused(tiny_lm):
     tokenizer = copy.deepcopy(tiny_lm.tokenizer)
     tokenizer.add_tokens(["<extra-token>"])

@@ -9,7 +9,7 @@ from typer import rich_utils
 from typer.core import TyperOption
 
 from nlgen import __version__
-from nlgen.cli import finetune, generate, models, perplexity
+from nlgen.cli import finetune, generate, models, perplexity, score
 from nlgen.cli.console import error
 from nlgen.cli.runtime import flush_stdout_quietly
 
@@ -74,6 +74,7 @@ app.command("generate")(generate.generate)
 app.command("models")(models.models)
 app.command("perplexity")(perplexity.perplexity)
 app.command("finetune")(finetune.finetune)
+app.command("score")(score.score)
 
 
 def main() -> None:

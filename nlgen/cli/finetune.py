@@ -183,7 +183,9 @@ def finetune(
         return
     ppl = result.record.get("validation_perplexity") or {}
     before, after = ppl.get("before"), ppl.get("after")
-    measured = (f"validation perplexity {before:.2f} -> {after:.2f}; "
+    kl = result.record.get("validation_kl")
+    measured = (f"validation perplexity {before:.2f} -> {after:.2f}"
+                + (f", KL from the base {kl:.4f} nats/token" if kl is not None else "") + "; "
                 if before is not None and after is not None else "")
     console.notice(f"saved {result.output_dir}: {measured}"
                    f"{console.plural(result.record['steps'], 'step')}, "

@@ -59,6 +59,11 @@ def generate(
     chat: Annotated[bool, typer.Option(
         "--chat", help="Use the model's chat template: the prompt is the user turn; prints the "
         "reply.", rich_help_panel=IO)] = False,
+    logprobs: Annotated[Optional[int], typer.Option(
+        "--logprobs", min=0, help="jsonl only: each generated token's log-prob and its K most "
+        "likely alternatives, as OpenAI's logprobs.content (0: the chosen token's only). The "
+        "model's own log-probs (raw logits), before temperature, top-k/p and penalties.",
+        show_default=False, rich_help_panel=IO)] = None,
     no_truncate: Annotated[bool, typer.Option(
         "--no-truncate", help="Fail on a prompt longer than the context instead of cutting its "
         "start.", rich_help_panel=IO)] = False,
@@ -135,9 +140,12 @@ def generate(
         num_beams=num_beams, num_return_sequences=num_return_sequences, greedy=greedy,
         seed=seed, max_time=max_time, stop=tuple(stop or ()),
         extra=extra_options.parse_extra_options(option or ()), batch_size=batch_size, chat=chat,
-        truncate=not no_truncate,
+        truncate=not no_truncate, logprobs=logprobs,
     )
     jsonl = fmt is GenerateFormat.jsonl
+    if logprobs is not None and not jsonl:
+        raise UsageError("--logprobs needs --format jsonl (text output has no place for them)",
+                         hint="add --format jsonl")
     if stream and jsonl:
         raise UsageError("--stream prints text as it comes; --format jsonl writes each record "
                          "when its prompt is done", hint="drop --stream, or use --format text")
@@ -223,4 +231,6 @@ def _record(result: generation.Generation, model_name: str) -> dict[str, Any]:
         "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
         "finish_reason": result.finish_reason,
     })
+    if result.logprobs is not None:
+        record["logprobs"] = {"content": console.token_logprobs(result.logprobs)}
     return record

@@ -50,6 +50,13 @@ class PerplexityFormat(str, Enum):
     jsonl = "jsonl"
 
 
+class ScoreFormat(str, Enum):
+    auto = "auto"
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+
+
 class ModelsFormat(str, Enum):
     auto = "auto"
     table = "table"
@@ -66,6 +73,12 @@ MODEL_HELP = (
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", envvar="NLGEN_MODEL", help=MODEL_HELP, show_default=False),
+]
+ReferenceOpt = Annotated[
+    Optional[str],
+    typer.Option("--reference", help="Compare with this model (same forms as --model), or "
+                 "'base': the base of the LoRA adapter directory given as --model, with one copy "
+                 "in memory (the adapter switched off).", show_default=False),
 ]
 # Free-form (cuda:N), so validated by the core's pattern rather than by an Enum.
 DeviceOpt = Annotated[

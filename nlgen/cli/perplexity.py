@@ -14,7 +14,7 @@ from rich.progress import TimeRemainingColumn
 from rich.table import Table
 
 from nlgen import devices, inputs, loading, scoring
-from nlgen.cli import console
+from nlgen.cli import comparison, console
 from nlgen.cli.options import (
     BatchSizeOpt,
     DeviceOpt,
@@ -23,6 +23,7 @@ from nlgen.cli.options import (
     ModelOpt,
     PerplexityFormat,
     QuietOpt,
+    ReferenceOpt,
     TrustRemoteCodeOpt,
     VerboseOpt,
 )
@@ -54,6 +55,7 @@ def perplexity(
         show_default="half the window", rich_help_panel=WINDOW)] = None,
     batch_size: BatchSizeOpt = 8,
     model: ModelOpt = None,
+    reference: ReferenceOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -68,6 +70,13 @@ def perplexity(
 
       nlgen perplexity --max-length 512 --stride 256 --format json a.txt b.txt
 
+      nlgen perplexity --model my-lora --reference base held-out.txt
+
+    With --reference, each record also holds the reference's perplexity, perplexity_ratio
+    (model / reference), kl (mean KL(reference || model) per token, nats) and top1_agreement
+    (share of tokens where both models rank the same token first). Both models must share a
+    tokenizer.
+
       nlgen generate -N 8 "The sea" --format jsonl | jq -r .text |
         nlgen perplexity --per-line --format jsonl | jq -s 'sort_by(.perplexity)'
     """
@@ -77,9 +86,9 @@ def perplexity(
     if fmt is PerplexityFormat.auto:
         fmt = PerplexityFormat.table if console.stdout_is_terminal() else PerplexityFormat.jsonl
 
-    lm = loading.load_model(model, device=device, dtype=dtype.value,
-                            trust_remote_code=trust_remote_code, purpose="score")
-    scorer = scoring.Scorer(lm, opts)
+    models = comparison.load(model, reference, device=device, dtype=dtype.value,
+                             trust_remote_code=trust_remote_code)
+    lm, scorer = models.lm, comparison.perplexity_scorer(models, opts)
     results = []
     with _Progress() as bar:
         for result in scorer.score(texts, progress=bar.update if bar.enabled else None):
@@ -117,7 +126,7 @@ def _texts(files: list[str] | None, per_line: bool) -> Iterator[inputs.Text]:
 
 
 def _finish(results: list[scoring.TextScore], fmt: PerplexityFormat, lm: loading.LoadedModel,
-            scorer: scoring.Scorer, per_line: bool, verbose: bool) -> None:
+            scorer: Any, per_line: bool, verbose: bool) -> None:
     """The document or table that needs every result, the summary, and the exit code."""
     good = [r for r in results if r.ok]
     if fmt is PerplexityFormat.json:
@@ -161,6 +170,7 @@ def _record(result: scoring.TextScore, model: str, method: scoring.Method,
         record["line"] = result.input.line
         record["text"] = result.input.text
     record.update(_metrics(result.metrics))
+    record.update(comparison.fields(result))
     record["model"] = model
     record["method"] = {**method.as_dict(), "tokens_scored": result.metrics.tokens,
                         "input_tokens": result.input_tokens, "windows": result.windows}
@@ -178,7 +188,8 @@ def _document(results: list[scoring.TextScore], model: str, method: scoring.Meth
         "model": model,
         "inputs": [_record(r, model, method, per_line) for r in good],
         "failed": failed,
-        "total": {**_metrics(summed), "inputs": len(good), "failed": len(results) - len(good),
+        "total": {**_metrics(summed), **comparison.total_fields(good), "inputs": len(good),
+                  "failed": len(results) - len(good),
                   "model": model,
                   "method": {**method.as_dict(), "tokens_scored": summed.tokens}},
     }
@@ -189,19 +200,21 @@ def _print_table(results: list[scoring.TextScore], model: str, method: scoring.M
     table = Table(title=f"Perplexity: {model}", title_justify="left")
     widest = max(len(r.input.label) for r in good)
     table.add_column("input", overflow="fold", min_width=min(widest, 32))
-    for name in ("ppl", "nll/token", "bits/byte", "word ppl", "tokens", "bytes", "words"):
+    for name in ("ppl", "nll/token", "bits/byte", "word ppl", "tokens", "bytes", "words",
+                 *comparison.headers(good)):
         table.add_column(name, justify="right", no_wrap=True)
 
-    def row(label: str, m: scoring.Metrics, **style: Any) -> None:
+    def row(label: str, m: scoring.Metrics, compared: dict[str, Any], **style: Any) -> None:
         table.add_row(label, _short(m.perplexity), f"{m.nll:.4f}", f"{m.bits_per_byte:.4f}",
                       _short(m.word_perplexity), str(m.tokens), str(m.bytes), str(m.words),
-                      **style)
+                      *comparison.cells(compared), **style)
 
     for r in good:
         assert r.metrics is not None
-        row(r.input.label, r.metrics)
+        row(r.input.label, r.metrics, comparison.fields(r))
     if len(good) > 1:
-        row("total", scoring.total(good), style="bold", end_section=True)
+        row("total", scoring.total(good), comparison.total_fields(good), style="bold",
+            end_section=True)
     bos = "BOS prepended" if method.bos else "no BOS"
     table.caption = (f"window {method.max_length}, stride {method.stride}, {bos}, "
                      f"{method.dtype} on {method.device}. {scoring.NORMALISATION}.")

@@ -20,6 +20,7 @@ from nlgen import distributed, loading
 from nlgen.errors import UsageError, first_line
 from nlgen.finetune import artifacts
 from nlgen.finetune.data import PackedData, prepare_data
+from nlgen.finetune.divergence import validation_kl
 from nlgen.finetune.events import Event, FinetuneResult, Started, TrainingInterrupted
 from nlgen.finetune.options import FinetuneOptions
 from nlgen.inputs import STDIN, Source, check_sources
@@ -95,6 +96,7 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
         raise TrainingInterrupted(callback.stopped_at,
                                   plan.checkpoints / f"checkpoint-{callback.stopped_at}")
     after, evals = _loss_after(trainer, data, callback)
+    kl = validation_kl(trainer, lm, spec, data, opts)
 
     # 5. The model directory: a temporary sibling, renamed into place when complete.
     record = artifacts.build_record(
@@ -104,7 +106,8 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
                     else None),
         hyperparameters={"learning_rate": opts.resolved_learning_rate,
                          "block_size": data.block_size, "precision": precision},
-        run=_run_facts(trainer, train_out, callback, data, before, after, evals, plan))
+        run={**_run_facts(trainer, train_out, callback, data, before, after, evals, plan),
+             "validation_kl": kl})
     _save(trainer, lm.tokenizer, opts, plan, record, started)
     return FinetuneResult(plan.output, record, trainer.is_world_process_zero())
 
