@@ -1,6 +1,6 @@
 """Compare a model with a reference on texts: perplexities, their ratio, KL, top-1 agreement.
 
-Both models read the same sliding windows as ``nlgen perplexity`` (scoring.plan_windows), so
+Both models read the same sliding windows as ``nlgen perplexity`` (windows.plan_windows), so
 each token is predicted once, by both. At each predicted position we take both log-softmaxes
 (float32) and add up, in float64:
 
@@ -27,7 +27,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nlgen.errors import ModelError, UsageError
@@ -35,17 +35,14 @@ from nlgen.inputs import Text
 from nlgen.loading import LoadedModel
 from nlgen.scoring import (
     CHUNK_ELEMENTS,
-    READ_AHEAD_TEXTS,
-    READ_AHEAD_WINDOWS,
     Method,
     Metrics,
-    ProgressCallback,
     ScoreOptions,
     TextScore,
-    plan_windows,
-    special_tokens_added,
+    safe_exp,
     split_model,
 )
+from nlgen.windows import Batch, Pending, ProgressCallback, WindowResult, WindowRunner
 
 log = logging.getLogger("nlgen")
 
@@ -65,18 +62,18 @@ class Divergence:
 
     @property
     def reference_perplexity(self) -> float:
-        return _exp(self.reference_nll_sum / self.tokens) if self.tokens else math.nan
+        return safe_exp(self.reference_nll_sum / self.tokens) if self.tokens else math.nan
 
     @property
     def perplexity(self) -> float:
-        return _exp(self.nll_sum / self.tokens) if self.tokens else math.nan
+        return safe_exp(self.nll_sum / self.tokens) if self.tokens else math.nan
 
     @property
     def ratio(self) -> float:
         """perplexity / reference_perplexity (from the sums, so no overflow of either)."""
         if not self.tokens:
             return math.nan
-        return _exp((self.nll_sum - self.reference_nll_sum) / self.tokens)
+        return safe_exp((self.nll_sum - self.reference_nll_sum) / self.tokens)
 
     @property
     def kl(self) -> float:
@@ -90,19 +87,10 @@ class Divergence:
 
 
 @dataclass(frozen=True)
-class TextComparison:
+class TextComparison(WindowResult):
     """The result for one input: its sums, or why it could not be compared."""
 
-    input: Text
     metrics: Divergence | None  # None when `error` is set
-    input_tokens: int = 0
-    windows: int = 0
-    error: str | None = None
-    hint: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 def total(results: Iterable[TextComparison]) -> Divergence:
@@ -112,13 +100,6 @@ def total(results: Iterable[TextComparison]) -> Divergence:
                       nll_sum=math.fsum(m.nll_sum for m in good),
                       kl_sum=math.fsum(m.kl_sum for m in good),
                       agree=sum(m.agree for m in good), tokens=sum(m.tokens for m in good))
-
-
-def _exp(x: float) -> float:
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return math.inf
 
 
 # ----------------------------------------------------------------------------- the tokenizer
@@ -163,32 +144,24 @@ def _check_models(lm: LoadedModel, reference: LoadedModel) -> None:
 # ----------------------------------------------------------------------------- comparing
 
 
-@dataclass
-class _Pending:
-    """A text being compared: its tokens, its windows, what they have added up to so far."""
-
-    input: Text
-    ids: list[int] = field(default_factory=list)
-    windows: list[tuple[int, int, int]] = field(default_factory=list)
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # ref, nll, kl, agree
-    error: str | None = None
-    hint: str | None = None
-
-    def result(self) -> TextComparison:
-        if self.error is not None:
-            return TextComparison(self.input, None, len(self.ids), error=self.error,
-                                  hint=self.hint)
-        ref, nll, kl, agree = self.sums
-        metrics = Divergence(ref, nll, kl, int(agree), sum(e - f for _, e, f in self.windows))
-        return TextComparison(self.input, metrics, len(self.ids), windows=len(self.windows))
+def _result(pending: Pending) -> TextComparison:
+    if pending.error is not None:
+        return TextComparison(pending.input, None, len(pending.ids), error=pending.error,
+                              hint=pending.hint)
+    ref, nll, kl, agree = pending.sums
+    metrics = Divergence(ref, nll, kl, int(agree), pending.predicted)
+    return TextComparison(pending.input, metrics, len(pending.ids), windows=len(pending.windows))
 
 
-class Comparer:
+class Comparer(WindowRunner):
     """A model and its reference, ready to compare on texts with fixed options.
 
     ``reference=None`` means the model itself, read inside ``reference_ctx()`` (an adapter
     switched off); one of the two is needed.
     """
+
+    verb = "compare"
+    quantities = 4  # reference nll, model nll, KL, top-1 agreements
 
     def __init__(self, lm: LoadedModel, opts: ScoreOptions, *,
                  reference: LoadedModel | None = None,
@@ -196,110 +169,38 @@ class Comparer:
         if reference is None and reference_ctx is None:
             raise UsageError("nothing to compare the model with",
                              hint="give a reference model, or an adapter to switch off")
-        self.lm, self.opts = lm, opts
         self.reference = reference or lm
         _check_models(lm, self.reference)
-        context = min(lm.context_length, self.reference.context_length)
-        self.max_length, self.stride = opts.resolve(context)
-        bos, eos = special_tokens_added(lm.tokenizer)
-        self.method = Method(self.max_length, self.stride, bos, eos, lm.dtype, lm.device)
+        super().__init__(lm, opts, context=min(lm.context_length, self.reference.context_length))
+        self.method = Method(self.max_length, self.stride, self.bos, self.eos, lm.dtype,
+                             lm.device)
         self._ctx: ReferenceContext = reference_ctx or contextlib.nullcontext
         self._model = split_model(lm.model)
         same = self.reference.model is lm.model
         self._ref = self._model if same else split_model(self.reference.model)
-        pad = lm.tokenizer.pad_token_id
-        self._pad_id = pad if pad is not None else 0
-        self.scored = 0  # tokens compared so far
-        self.planned = 0  # tokens to compare in the texts read so far
 
     def compare(self, texts: Iterable[Text],
                 progress: ProgressCallback | None = None) -> Iterator[TextComparison]:
         """A result per input, in input order, a read-ahead group at a time (as Scorer)."""
-        return self._compare((self._prepare(item) for item in texts), progress)
+        return (_result(p) for p in self.run(texts, progress))
 
     def compare_ids(self, sequences: Iterable[list[int]],
                     progress: ProgressCallback | None = None) -> Iterator[TextComparison]:
         """As :meth:`compare`, on sequences already tokenized (finetune's validation blocks)."""
-        return self._compare((self._windows(_Pending(Text(f"sequence {i}"), list(ids)))
-                              for i, ids in enumerate(sequences)), progress)
+        prepared = (self.plan(Pending(Text(f"sequence {i}"), list(ids)))
+                    for i, ids in enumerate(sequences))
+        return (_result(p) for p in self.run_prepared(prepared, progress))
 
-    def _compare(self, prepared: Iterable[_Pending],
-                 progress: ProgressCallback | None) -> Iterator[TextComparison]:
-        ahead_texts = self.opts.batch_size * READ_AHEAD_TEXTS
-        ahead_windows = self.opts.batch_size * READ_AHEAD_WINDOWS
-        group: list[_Pending] = []
-        n_windows = 0
-        for pending in prepared:
-            group.append(pending)
-            n_windows += len(pending.windows)
-            if len(group) >= ahead_texts or n_windows >= ahead_windows:
-                yield from self._run_group(group, progress)
-                group, n_windows = [], 0
-        yield from self._run_group(group, progress)
-
-    def _prepare(self, item: Text) -> _Pending:
-        pending = _Pending(item)
-        if item.error is not None:
-            pending.error, pending.hint = item.error, item.hint
-        elif not item.text.strip():
-            pending.error = f"{item.label}: empty text, nothing to compare"
-        else:
-            pending.ids = list(self.lm.tokenizer(item.text)["input_ids"])
-            self._windows(pending)
-        return pending
-
-    def _windows(self, pending: _Pending) -> _Pending:
-        if len(pending.ids) < 2:
-            pending.error = (f"{pending.input.label}: too short to compare ({len(pending.ids)} "
-                             "token; at least 2 are needed)")
-        else:
-            pending.windows = plan_windows(len(pending.ids), self.max_length, self.stride)
-            self.planned += sum(e - f for _, e, f in pending.windows)
-        return pending
-
-    def _run_group(self, group: list[_Pending],
-                   progress: ProgressCallback | None) -> Iterator[TextComparison]:
-        work = [(p, w) for p in group for w in p.windows]
-        work.sort(key=lambda pw: pw[1][1] - pw[1][0], reverse=True)  # stable: repeatable
-        size = self.opts.batch_size
-        for start in range(0, len(work), size):
-            batch = work[start:start + size]
-            for (p, _), sums in zip(batch, self._batch([(p.ids, w) for p, w in batch]),
-                                    strict=True):
-                p.sums = [a + b for a, b in zip(p.sums, sums, strict=True)]
-            self.scored += sum(w[1] - w[2] for _, w in batch)
-            if progress is not None:
-                progress(self.scored, self.planned)
-        for pending in group:
-            yield pending.result()
-
-    def _batch(self, batch: list[tuple[list[int], tuple[int, int, int]]]) -> list[list[float]]:
+    def batch_sums(self, batch: Batch) -> list[list[float]]:
         """[reference nll, model nll, KL, agreements] summed over each window's scored tokens."""
         import torch
 
-        lengths = [end - begin for _, (begin, end, _) in batch]
-        width = max(lengths)
-        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
-        rows, cols, counts = [], [], []
-        for i, (tokens, (begin, end, first)) in enumerate(batch):
-            ids[i, : end - begin] = torch.tensor(tokens[begin:end])
-            mask[i, : end - begin] = 1
-            positions = range(first - 1 - begin, end - 1 - begin)  # position j predicts j + 1
-            rows.extend([i] * len(positions))
-            cols.extend(positions)
-            counts.append(len(positions))
-        row_index, col_index = torch.tensor(rows), torch.tensor(cols)
-        device = self.lm.device
-        targets = ids[row_index, col_index + 1].to(device)  # (N,)
-        ids, where = ids.to(device), (row_index.to(device), col_index.to(device))
-        attention = None if min(lengths) == width else mask.to(device)
         with torch.inference_mode():
-            hidden = self._model[0](ids, attention)[where]  # (N, H)
+            hidden = self._model[0](batch.ids, batch.mask)[batch.where]  # (N, H)
             with self._ctx():
-                ref_hidden = self._ref[0](ids, attention)[where]  # (N, H)
-            per_row = self._rows(hidden, ref_hidden, targets)  # (N, 4) float64
-        return [part.sum(dim=0).tolist() for part in torch.split(per_row, counts)]
+                ref_hidden = self._ref[0](batch.ids, batch.mask)[batch.where]  # (N, H)
+            per_row = self._rows(hidden, ref_hidden, batch.targets)  # (N, 4) float64
+        return [part.sum(dim=0).tolist() for part in torch.split(per_row, batch.counts)]
 
     def _rows(self, hidden: Any, ref_hidden: Any, targets: Any) -> Any:
         """Per row: reference nll, model nll, KL(reference || model), 1.0 where top-1 agrees.

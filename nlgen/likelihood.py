@@ -33,6 +33,7 @@ from typing import Any
 from nlgen.errors import UsageError
 from nlgen.loading import LoadedModel
 from nlgen.scoring import CHUNK_ELEMENTS, split_model
+from nlgen.streaming import read_ahead
 from nlgen.token_bytes import TokenText
 
 log = logging.getLogger("nlgen")
@@ -190,14 +191,9 @@ class ContinuationScorer:
               progress: ProgressCallback | None = None) -> Iterator[ContinuationScore]:
         """A result per request, in input order, a read-ahead group at a time."""
         ahead = self.opts.batch_size * READ_AHEAD_BATCHES
-        group: list[_Item] = []
-        for request in requests:
-            group.append(self._prepare(request))
-            self.read += 1
-            if len(group) >= ahead:
-                yield from self._run_group(group, progress)
-                group = []
-        yield from self._run_group(group, progress)
+        for group in read_ahead(map(self._prepare, requests), lambda g: len(g) >= ahead):
+            self.read += len(group)
+            yield from self._run_group(group, progress)
 
     def _prepare(self, request: Request) -> _Item:
         def failed(error: str, hint: str | None = None) -> _Item:

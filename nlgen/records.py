@@ -38,6 +38,7 @@ from nlgen.likelihood import (
     Request,
 )
 from nlgen.loading import LoadedModel
+from nlgen.streaming import read_ahead
 
 ProgressCallback = Callable[[int, int], None]  # (records scored so far, records read so far)
 
@@ -236,16 +237,10 @@ class RecordScorer:
               progress: ProgressCallback | None = None) -> Iterator[RecordScore]:
         """A result per record, in input order, a read-ahead group of requests at a time."""
         ahead = self.opts.batch_size * READ_AHEAD_BATCHES
-        group: list[Item] = []
-        n_requests = 0
-        for item in items:
-            group.append(item)
-            self.read += 1
-            n_requests += len(item.requests)
-            if n_requests >= ahead:
-                yield from self._run_group(group, progress)
-                group, n_requests = [], 0
-        yield from self._run_group(group, progress)
+        full = lambda group: sum(len(item.requests) for item in group) >= ahead  # noqa: E731
+        for group in read_ahead(items, full):
+            self.read += len(group)
+            yield from self._run_group(group, progress)
 
     def _run_group(self, group: list[Item],
                    progress: ProgressCallback | None) -> Iterator[RecordScore]:

@@ -29,25 +29,29 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nlgen.errors import UsageError
 from nlgen.inputs import Text
 from nlgen.loading import LoadedModel
+from nlgen.windows import (
+    Batch,
+    Pending,
+    ProgressCallback,
+    WindowResult,
+    WindowRunner,
+)
 
 log = logging.getLogger("nlgen")
 
 DEFAULT_MAX_LENGTH_CAP = 1024  # the guide's window (GPT-2's context); longer costs memory
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk of the LM head (8 M: 32 MB in float32)
-READ_AHEAD_TEXTS = 8  # texts read ahead = batch_size * this, their windows sorted by length
-READ_AHEAD_WINDOWS = 8  # ... or until this many batches of windows are pending
 # How each number is derived from the sums, stated beside every result.
 NORMALISATION = ("perplexity = exp(nll_sum / tokens_scored); nll = nll_sum / tokens_scored "
                  "(nats/token); bits_per_byte = nll_sum / (ln 2 * UTF-8 bytes); "
                  "word_perplexity = exp(nll_sum / words), words split on whitespace")
 
-ProgressCallback = Callable[[int, int], None]  # (tokens scored so far, tokens known to score)
 
 
 @dataclass(frozen=True)
@@ -132,19 +136,10 @@ class Metrics:
 
 
 @dataclass(frozen=True)
-class TextScore:
+class TextScore(WindowResult):
     """The result for one input: its metrics, or why it could not be scored."""
 
-    input: Text
     metrics: Metrics | None  # None when `error` is set
-    input_tokens: int = 0  # tokens of the text as tokenized (BOS/EOS included)
-    windows: int = 0
-    error: str | None = None
-    hint: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 def total(scores: Iterable[TextScore]) -> Metrics:
@@ -162,162 +157,38 @@ def safe_exp(x: float) -> float:
         return math.inf
 
 
-# ----------------------------------------------------------------------------- windows
-
-
-def plan_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """The guide's windows over `n_tokens` tokens: (begin, end, first scored), absolute indices.
-
-    Window ``[begin, end)`` scores tokens ``[first, end)``: those after the previous window's end
-    (``trg_len`` in the guide), and never its own first token, which has no context in it.
-    """
-    windows = []
-    prev_end = 0
-    for begin in range(0, n_tokens, stride):
-        end = min(begin + max_length, n_tokens)
-        first = max(prev_end, begin + 1)
-        if first < end:  # a disjoint window of one token predicts nothing
-            windows.append((begin, end, first))
-        prev_end = end
-        if end == n_tokens:
-            break
-    return windows
-
-
-def special_tokens_added(tokenizer: Any) -> tuple[bool, bool]:
-    """(BOS prepended, EOS appended): what this tokenizer adds around a plain text."""
-    probe = "a b"
-    with_special = list(tokenizer(probe)["input_ids"])
-    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-    for offset in range(len(with_special) - len(plain) + 1):
-        if with_special[offset:offset + len(plain)] == plain:
-            return offset > 0, offset + len(plain) < len(with_special)
-    return False, False
-
-
 # ----------------------------------------------------------------------------- scoring
 
 
-@dataclass
-class _Pending:
-    """A text being scored: its tokens, its windows, what they have added up to so far."""
+class Scorer(WindowRunner):
+    """A loaded model ready to score texts with fixed options.
 
-    input: Text
-    ids: list[int] = field(default_factory=list)
-    windows: list[tuple[int, int, int]] = field(default_factory=list)
-    nll_sum: float = 0.0
-    error: str | None = None
-    hint: str | None = None
+    ``shard=(rank, ranks)`` scores every ranks-th window of each group (nlgen.parallel adds the
+    ranks' sums up); a text's result is then this rank's share of it.
+    """
 
-    def result(self) -> TextScore:
-        if self.error is not None:
-            return TextScore(self.input, None, len(self.ids), error=self.error, hint=self.hint)
-        text = self.input.text
-        metrics = Metrics(nll_sum=self.nll_sum, tokens=sum(e - f for _, e, f in self.windows),
-                          bytes=len(text.encode("utf-8")), words=len(text.split()))
-        return TextScore(self.input, metrics, len(self.ids), windows=len(self.windows))
-
-
-class Scorer:
-    """A loaded model ready to score texts with fixed options."""
-
-    def __init__(self, lm: LoadedModel, opts: ScoreOptions) -> None:
-        self.lm = lm
-        self.opts = opts
-        self.max_length, self.stride = opts.resolve(lm.context_length)
-        bos, eos = special_tokens_added(lm.tokenizer)
-        self.method = Method(self.max_length, self.stride, bos, eos, lm.dtype, lm.device)
+    def __init__(self, lm: LoadedModel, opts: ScoreOptions,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+        super().__init__(lm, opts, shard=shard)
+        self.method = Method(self.max_length, self.stride, self.bos, self.eos, lm.dtype,
+                             lm.device)
         self._body, self._head = split_model(lm.model)
-        pad = lm.tokenizer.pad_token_id
-        self._pad_id = pad if pad is not None else 0
-        self.scored = 0  # tokens scored so far, all texts
-        self.planned = 0  # tokens to score in the texts read so far
 
     def score(self, texts: Iterable[Text],
               progress: ProgressCallback | None = None) -> Iterator[TextScore]:
-        """A result per input, in input order.
+        """A result per input, in input order (see :class:`nlgen.windows.WindowRunner`)."""
+        for pending in self.run(texts, progress):
+            yield _result(pending)
 
-        Inputs are read a group at a time (``batch_size * 8`` texts, or as many windows): the
-        group's windows are batched together, then its results come out, so a pipeline sees
-        them while later input is still being read.
-        """
-        ahead_texts = self.opts.batch_size * READ_AHEAD_TEXTS
-        ahead_windows = self.opts.batch_size * READ_AHEAD_WINDOWS
-        group: list[_Pending] = []
-        n_windows = 0
-        for item in texts:
-            pending = self._prepare(item)
-            group.append(pending)
-            n_windows += len(pending.windows)
-            if len(group) >= ahead_texts or n_windows >= ahead_windows:
-                yield from self._run_group(group, progress)
-                group, n_windows = [], 0
-        yield from self._run_group(group, progress)
-
-    def _prepare(self, item: Text) -> _Pending:
-        pending = _Pending(item)
-        if item.error is not None:
-            pending.error, pending.hint = item.error, item.hint
-            return pending
-        if not item.text.strip():
-            pending.error = f"{item.label}: empty text, nothing to score"
-            return pending
-        pending.ids = list(self.lm.tokenizer(item.text)["input_ids"])
-        if len(pending.ids) < 2:
-            pending.error = (f"{item.label}: too short to score ({len(pending.ids)} token; "
-                             "a perplexity needs at least 2)")
-            return pending
-        pending.windows = plan_windows(len(pending.ids), self.max_length, self.stride)
-        self.planned += sum(e - f for _, e, f in pending.windows)
-        return pending
-
-    def _run_group(self, group: list[_Pending],
-                   progress: ProgressCallback | None) -> Iterator[TextScore]:
-        """Run every window of `group` in batches, longest first; yield results in order."""
-        work = [(p, w) for p in group for w in p.windows]
-        # Similar lengths share a batch, so little is spent on padding; the sort is stable, so
-        # the batches (and their float rounding) are the same from run to run.
-        work.sort(key=lambda pw: pw[1][1] - pw[1][0], reverse=True)
-        size = self.opts.batch_size
-        for start in range(0, len(work), size):
-            batch = work[start:start + size]
-            sums = self._nll_batch([(p.ids, w) for p, w in batch])
-            for (p, _), s in zip(batch, sums, strict=True):
-                p.nll_sum += s
-            self.scored += sum(w[1] - w[2] for _, w in batch)
-            if progress is not None:
-                progress(self.scored, self.planned)
-        for pending in group:
-            yield pending.result()
-
-    def _nll_batch(self, batch: list[tuple[list[int], tuple[int, int, int]]]) -> list[float]:
+    def batch_sums(self, batch: Batch) -> list[list[float]]:
         """Summed NLL (nats, float64) of the scored tokens of each window of `batch`."""
         import torch
 
-        lengths = [end - begin for _, (begin, end, _) in batch]
-        width = max(lengths)
-        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
-        rows, cols, counts = [], [], []
-        for i, (tokens, (begin, end, first)) in enumerate(batch):
-            ids[i, : end - begin] = torch.tensor(tokens[begin:end])
-            mask[i, : end - begin] = 1
-            # The logits at window position j predict token j + 1: the scored tokens
-            # [first, end) are predicted from positions [first - 1, end - 1) - begin.
-            positions = range(first - 1 - begin, end - 1 - begin)
-            rows.extend([i] * len(positions))
-            cols.extend(positions)
-            counts.append(len(positions))
-        row_index = torch.tensor(rows)
-        col_index = torch.tensor(cols)
-        device = self.lm.device
         with torch.inference_mode():
-            hidden = self._body(ids.to(device),
-                                None if min(lengths) == width else mask.to(device))  # (B, T, H)
-            picked = hidden[row_index.to(device), col_index.to(device)]  # (N, H)
-            targets = ids[row_index, col_index + 1].to(device)  # (N,)
-            nll = self._token_nll(picked, targets).double().cpu()  # (N,)
-        return [float(part.sum()) for part in torch.split(nll, counts)]
+            hidden = self._body(batch.ids, batch.mask)  # (B, T, H)
+            picked = hidden[batch.where]  # (N, H)
+            nll = self._token_nll(picked, batch.targets).double().cpu()  # (N,)
+        return [[float(part.sum())] for part in torch.split(nll, batch.counts)]
 
     def _token_nll(self, hidden: Any, targets: Any) -> Any:
         """-log p(target) for each row of `hidden` (N, H): the LM head a chunk at a time."""
@@ -336,6 +207,16 @@ class Scorer:
 
     def _head_vocab(self) -> int:
         return int(getattr(self.lm.model.config, "vocab_size", 0) or 50_000)
+
+
+def _result(pending: Pending) -> TextScore:
+    if pending.error is not None:
+        return TextScore(pending.input, None, len(pending.ids), error=pending.error,
+                         hint=pending.hint)
+    text = pending.input.text
+    metrics = Metrics(nll_sum=pending.sums[0], tokens=pending.predicted,
+                      bytes=len(text.encode("utf-8")), words=len(text.split()))
+    return TextScore(pending.input, metrics, len(pending.ids), windows=len(pending.windows))
 
 
 def split_model(model: Any) -> tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]:

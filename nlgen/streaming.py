@@ -119,3 +119,19 @@ class StopAwareStreamer:
         if len(text) > len(self.sent) and text.startswith(self.sent):
             self.emit(text[len(self.sent):])
             self.sent = text
+
+
+def read_ahead(items: Iterable[T], full: Callable[[list[T]], bool]) -> Iterator[list[T]]:
+    """Consecutive groups of `items`, each closed as soon as ``full(group)`` holds.
+
+    The scorers read their input a group at a time: enough to batch well (sorted by length),
+    little enough that results come out while later input is still being read.
+    """
+    group: list[T] = []
+    for item in items:
+        group.append(item)
+        if full(group):
+            yield group
+            group = []
+    if group:
+        yield group

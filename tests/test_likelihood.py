@@ -17,7 +17,8 @@ from nlgen.errors import ModelError, UsageError
 from nlgen.inputs import Text
 from nlgen.likelihood import Request, encode_pair, score_continuations
 from nlgen.loading import LoadedModel, load_model
-from nlgen.scoring import ScoreOptions, plan_windows
+from nlgen.scoring import ScoreOptions
+from nlgen.windows import plan_windows
 
 TEXT = CORPUS.read_text(encoding="utf-8")
 WORDS = TEXT.split()

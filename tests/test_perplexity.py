@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, run_nlgen
 
-from nlgen import inputs, scoring
+from nlgen import inputs, scoring, windows
 from nlgen.errors import UsageError
 from nlgen.loading import LoadedModel
 
@@ -71,13 +71,13 @@ def score_one(lm, text: str, **opts) -> scoring.TextScore:
 @pytest.mark.parametrize("n,length,stride", [(50, 8, 1), (50, 8, 3), (50, 8, 8), (7, 8, 4),
                                              (17, 8, 8), (64, 16, 15)])
 def test_windows_predict_each_token_once(n, length, stride):
-    scored = [t for b, e, f in scoring.plan_windows(n, length, stride) for t in range(f, e)]
+    scored = [t for b, e, f in windows.plan_windows(n, length, stride) for t in range(f, e)]
     assert len(scored) == len(set(scored))
     if stride < length:
         assert scored == list(range(1, n))  # every token but the first
     else:  # disjoint windows: a window's first token has no context in it
         assert scored == [t for t in range(n) if t % length]
-    for b, e, f in scoring.plan_windows(n, length, stride):
+    for b, e, f in windows.plan_windows(n, length, stride):
         assert e - b <= length and b < f < e
 
 
