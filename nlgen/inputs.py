@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from nlgen.errors import InputError
 
@@ -47,6 +47,18 @@ class Prompt:
 
     text: str
     line: int | None = None
+    # A chat (a jsonl record's `messages`): rendered with the model's chat template; `text` is
+    # then its last message, for display.
+    messages: tuple[dict[str, str], ...] | None = None
+
+
+@dataclass(frozen=True)
+class JsonLine:
+    """One non-blank line of a .jsonl file: its value, or why it is not JSON."""
+
+    line: int
+    value: Any = None
+    error: str | None = None
 
 
 # ----------------------------------------------------------------------------- stdin
@@ -170,6 +182,26 @@ def iter_prompts(sources: Iterable[str], *, whole: bool = False) -> Iterator[Pro
         for number, line in iter_lines(name):
             if line.strip():
                 yield Prompt(line, number)
+
+
+def is_jsonl(name: str) -> bool:
+    """A file read as JSON records (one a line) rather than as text: by its suffix."""
+    return name != STDIN and name.lower().endswith(".jsonl")
+
+
+def iter_json_lines(name: str) -> Iterator[JsonLine]:
+    """The JSON value of each non-blank line of ``name`` (``-`` = stdin), read lazily.
+
+    A line that is not JSON is reported in its place, with its number, so that a job can say
+    which records are bad (or skip them) instead of stopping at the first.
+    """
+    for number, line in iter_lines(name):
+        if not line.strip():
+            continue
+        try:
+            yield JsonLine(number, json.loads(line))
+        except json.JSONDecodeError as exc:
+            yield JsonLine(number, error=f"not JSON ({exc.msg} at column {exc.colno})")
 
 
 def iter_texts(sources: Iterable[str], *, per_line: bool = False) -> Iterator[Text]:

@@ -221,8 +221,10 @@ class _Pending:
 class Scorer:
     """A loaded model ready to score texts with fixed options."""
 
-    def __init__(self, lm: LoadedModel, opts: ScoreOptions) -> None:
+    def __init__(self, lm: LoadedModel, opts: ScoreOptions, shard: tuple[int, int] = (0, 1),
+                 ) -> None:
         self.lm = lm
+        self.shard = shard  # (rank, ranks): score every ranks-th window (nlgen.parallel)
         self.opts = opts
         self.max_length, self.stride = opts.resolve(lm.context_length)
         bos, eos = special_tokens_added(lm.tokenizer)
@@ -231,7 +233,7 @@ class Scorer:
         pad = lm.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else 0
         self.scored = 0  # tokens scored so far, all texts
-        self.planned = 0  # tokens to score in the texts read so far
+        self.planned = 0  # tokens to score (this shard's) in the groups begun so far
 
     def score(self, texts: Iterable[Text],
               progress: ProgressCallback | None = None) -> Iterator[TextScore]:
@@ -268,7 +270,6 @@ class Scorer:
                              "a perplexity needs at least 2)")
             return pending
         pending.windows = plan_windows(len(pending.ids), self.max_length, self.stride)
-        self.planned += sum(e - f for _, e, f in pending.windows)
         return pending
 
     def _run_group(self, group: list[_Pending],
@@ -278,6 +279,8 @@ class Scorer:
         # Similar lengths share a batch, so little is spent on padding; the sort is stable, so
         # the batches (and their float rounding) are the same from run to run.
         work.sort(key=lambda pw: pw[1][1] - pw[1][0], reverse=True)
+        work = work[self.shard[0]::self.shard[1]]  # with several ranks, a mix of every length
+        self.planned += sum(w[1] - w[2] for _, w in work)
         size = self.opts.batch_size
         for start in range(0, len(work), size):
             batch = work[start:start + size]
