@@ -11,7 +11,7 @@ from typer.core import TyperOption
 from nlgen import __version__
 from nlgen.cli import finetune, generate, models, perplexity
 from nlgen.cli.console import error
-from nlgen.cli.runtime import flush_stdout_quietly
+from nlgen.cli.runtime import flush_stdout_quietly, is_main_process
 
 _display_type_rich = TyperOption.display_type_rich
 
@@ -32,6 +32,8 @@ def _usage_error(exc: Any) -> None:
     Typer draws them in a multi-line box; every other nlgen failure is one line on stderr.
     """
     if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed: nothing to add
+        return
+    if not is_main_process():  # under a launcher every rank has the same bad option: say it once
         return
     ctx = getattr(exc, "ctx", None)
     hint = f"{ctx.command_path} --help lists the options" if ctx is not None else None

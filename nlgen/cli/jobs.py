@@ -1,0 +1,62 @@
+"""What generate and perplexity share on the command line: launchers, jobs, progress.
+
+Under ``torchrun`` or ``accelerate launch`` every process runs the same command; rank 0 alone
+prints results, notices, progress and errors (``cli/runtime.py`` quiets the others, whose
+failures reach rank 0 through nlgen.parallel).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.progress import TextColumn, TimeRemainingColumn
+
+from nlgen import distributed
+from nlgen.cli import console
+
+
+@contextmanager
+def launched(device: str) -> Iterator[str]:
+    """This process's device (its own GPU under a launcher) inside its process group.
+
+    With one process: ``device`` unchanged and no group (nothing is imported).
+    """
+    rank_device = distributed.device_for_rank(device)
+    with distributed.session(rank_device):
+        yield rank_device
+
+
+def processes() -> str:
+    """``, 2 processes`` for a summary line under a launcher; nothing otherwise."""
+    world = distributed.world_size()
+    return f", {world} processes" if world > 1 else ""
+
+
+class JobProgress(console.ProgressBar):
+    """done / total, a rate (tokens/s) and the time left; on rank 0's terminal only."""
+
+    def __init__(self, label: str, total: int | None, *, done: int = 0, unit: str = "tokens",
+                 enabled: bool = True) -> None:
+        super().__init__(label, TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+        self.enabled = enabled and distributed.is_main_process() and console.progress_enabled()
+        self.total = total
+        self.done = done
+        self.unit = unit
+        self.amount = 0  # tokens (or other units) since this run started
+        self.started = time.perf_counter()
+
+    def advance(self, items: int = 1, amount: int = 0) -> None:
+        self.done += items
+        self.amount += amount
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.started
+        rate = f"{self.amount / elapsed:,.1f} {self.unit}/s" if elapsed > 0 else ""
+        self.update(self.done, self.total, rate=rate)  # type: ignore[arg-type]
+
+    def update(self, done: int, total: Any, **fields: Any) -> None:
+        if self.enabled:
+            super().update(done, total, **fields)
