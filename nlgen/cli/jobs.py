@@ -45,15 +45,19 @@ class JobProgress(console.ProgressBar):
         self.total = total
         self.done = done
         self.unit = unit
-        self.amount = 0  # tokens (or other units) since this run started
-        self.started = time.perf_counter()
+        self.amount = 0  # tokens (or other units) since the first result
+        self.started: float | None = None  # the first result: the model is loaded by then
 
     def advance(self, items: int = 1, amount: int = 0) -> None:
         self.done += items
-        self.amount += amount
         if not self.enabled:
             return
-        elapsed = time.perf_counter() - self.started
+        now = time.perf_counter()
+        if self.started is None:
+            self.started = now
+        else:
+            self.amount += amount
+        elapsed = now - self.started
         rate = f"{self.amount / elapsed:,.1f} {self.unit}/s" if elapsed > 0 else ""
         self.update(self.done, self.total, rate=rate)  # type: ignore[arg-type]
 
