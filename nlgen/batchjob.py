@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nlgen import inputs
-from nlgen.errors import UsageError
+from nlgen.errors import InputError, UsageError
 from nlgen.generation import Generation, GenerationOptions
 from nlgen.inputs import JsonLine, Prompt
 
@@ -262,20 +262,26 @@ def load_requests(name: str, base: GenerationOptions, *, skip_bad: bool) -> Requ
     (exit 2) unless ``skip_bad``. A file is read again to generate (memory stays flat);
     stdin, which cannot be, is kept.
     """
-    fmt = detect_format(inputs.iter_json_lines(name))
+    if name == inputs.STDIN:
+        kept = list(inputs.iter_json_lines(name))
+
+        def lines() -> Iterator[JsonLine]:
+            return iter(kept)
+    else:
+        def lines() -> Iterator[JsonLine]:
+            return inputs.iter_json_lines(name)
+
+    fmt = detect_format(lines())
 
     def read() -> Iterator[Request]:
-        return parse_records(inputs.iter_json_lines(name), fmt, base)
+        return parse_records(lines(), fmt, base)
 
-    kept: list[Request] = []
     bad: list[Request] = []
     count = 0
     for request in read():
         count += 1
         if not request.ok:
             bad.append(request)
-        if name == inputs.STDIN:
-            kept.append(request)
     shown = inputs.display_name(name)
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more bad records)" if len(bad) > 1 else ""
@@ -283,8 +289,9 @@ def load_requests(name: str, base: GenerationOptions, *, skip_bad: bool) -> Requ
                          hint="fix the records, or pass --skip-bad to answer each bad one with "
                               "an error record and go on")
     if count == 0:
-        raise UsageError(f"{shown} holds no records: nothing to generate")
-    return RequestFile(name, fmt, count, bad, (lambda: iter(kept)) if kept else read)
+        raise InputError(f"{shown} holds no records: nothing to generate",
+                         hint="blank lines are not records")
+    return RequestFile(name, fmt, count, bad, read)
 
 
 def is_done(fmt: str, request: Request, done: frozenset) -> bool:

@@ -264,3 +264,15 @@ def test_skip_bad_answers_with_an_error_record_and_exits_1(cli, tiny_model, tmp_
         (0, 1, False), (1, 2, True), (2, 3, True), (3, 4, False)]
     assert found[0]["id"] == "a" and found[3]["completion_tokens"] <= 2
     assert found[1]["error"] == "line 2: prompt is not a string (one prompt per request)"
+
+
+def test_records_from_stdin(cli, tiny_model):
+    records = '{"prompt": "The fox"}\n\n{"prompt": "At night", "max_tokens": 2}\n'
+    result = cli("generate", "--model", str(tiny_model), "--greedy", "-n", "3",
+                 "--input-format", "jsonl", "--format", "jsonl", input=records)
+    assert result.exit_code == 0, result.stderr
+    found = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["line"], r["prompt"]) for r in found] == [(1, "The fox"), (3, "At night")]
+    assert found[1]["completion_tokens"] <= 2
+    empty = cli("generate", "--model", str(tiny_model), "--input-format", "jsonl", input="\n")
+    assert empty.exit_code == EXIT_FAILURE and "holds no records" in empty.stderr
