@@ -86,7 +86,8 @@ def perplexity(
     parallel.check_shareable(files or ([] if inputs.stdin_is_terminal() else [inputs.STDIN]))
     with jobs.launched(device) as rank_device:
         texts = parallel.on_every_rank(lambda: _texts(files, per_line, output))
-        run = _Run(per_line, fmt, verbose)
+        # --output: the records go to the file, stdout stays empty
+        run = _Run(per_line, PerplexityFormat.jsonl if output else fmt)
 
         def load() -> loading.LoadedModel:
             run.lm = loading.load_model(model, device=rank_device, dtype=dtype.value,
@@ -101,8 +102,10 @@ def perplexity(
                                          on_scorer=run.set_scorer)
             for result in parallel.merge_parts(parallel.Gathered(parts)):
                 run.show(result)
-    if distributed.is_main_process():
-        run.finish(output, out.resumed)
+    if distributed.is_main_process() and run.lm is not None:
+        if output is not None:
+            run.total_of(output, out.resumed)
+        _finish(run.results, run.fmt, run.lm, run.method, per_line, verbose)
 
 
 KEY_FIELDS = {False: ("input",), True: ("input", "line")}  # what names a record of --output
@@ -141,11 +144,10 @@ def _texts(files: list[str] | None, per_line: bool,
 
 @dataclass
 class _Run:
-    """Rank 0's side: each text's result to --output or stdout; then the total, the summary."""
+    """Rank 0's side: each text's result to --output or stdout, as it comes."""
 
     per_line: bool
     fmt: PerplexityFormat
-    verbose: bool
     lm: Any = None  # this rank's model, once loaded
     method: scoring.Method | None = None
     writer: Any = None  # the --output file's ResumableWriter
@@ -162,37 +164,13 @@ class _Run:
             console.error(result.error or "", result.hint)
         elif self.writer is not None:
             self.writer.write(_record(result, self.lm.name, self.method, self.per_line))
+            # The file holds the record: keep only what the closing lines count.
+            result = dataclasses.replace(result, input=dataclasses.replace(result.input, text=""))
         elif self.fmt is PerplexityFormat.jsonl:
             console.write_jsonl(_record(result, self.lm.name, self.method, self.per_line))
-        if self.writer is not None:  # the file holds the records: keep only what counts
-            result = dataclasses.replace(result, input=dataclasses.replace(result.input, text=""))
         self.results.append(result)
 
-    def finish(self, output: str | None, resumed: int) -> None:
-        """The document or table that needs every result, the summary, and the exit code."""
-        results, lm, method = self.results, self.lm, self.method
-        good = [r for r in results if r.ok]
-        if output is not None and lm is not None:
-            self._total_of(output, resumed)
-        elif self.fmt is PerplexityFormat.json and method is not None:
-            console.write(json.dumps(_document(results, lm.name, method, self.per_line),
-                                     ensure_ascii=False, indent=2) + "\n")
-        elif self.fmt is PerplexityFormat.table and good and method is not None:
-            _print_table(results, lm.name, method)
-        if lm is not None and (self.verbose or console.stderr_is_terminal()):
-            console.summary(lm.name, lm.device, lm.dtype,
-                            f"{console.plural(scoring.total(good).tokens, 'token')} scored in "
-                            f"{len(good)} of {console.plural(len(results), 'input')}"
-                            f"{jobs.processes()}")
-        if len(good) < len(results):
-            if len(results) > 1:
-                what = "line" if self.per_line else "input"
-                console.error(f"{len(results) - len(good)} of "
-                              f"{console.plural(len(results), what)} could not be scored "
-                              "(see above)")
-            raise typer.Exit(EXIT_FAILURE)
-
-    def _total_of(self, output: str, resumed: int) -> None:
+    def total_of(self, output: str, resumed: int) -> None:
         """--output: the corpus total of every record in the file, this run's and earlier."""
         with open(output, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
@@ -204,6 +182,29 @@ class _Run:
         console.notice(f"{output}: {console.plural(len(rows), 'record')}{earlier}; perplexity "
                        f"{_short(summed.perplexity)}, {summed.bits_per_byte:.4f} bits/byte over "
                        f"{console.plural(summed.tokens, 'token')}")
+
+
+def _finish(results: list[scoring.TextScore], fmt: PerplexityFormat, lm: loading.LoadedModel,
+            method: scoring.Method | None, per_line: bool, verbose: bool) -> None:
+    """The document or table that needs every result, the summary, and the exit code."""
+    good = [r for r in results if r.ok]
+    if fmt is PerplexityFormat.json and method is not None:
+        console.write(json.dumps(_document(results, lm.name, method, per_line),
+                                 ensure_ascii=False, indent=2) + "\n")
+    elif fmt is PerplexityFormat.table and good and method is not None:
+        _print_table(results, lm.name, method)
+    if verbose or console.stderr_is_terminal():
+        console.summary(lm.name, lm.device, lm.dtype,
+                        f"{console.plural(scoring.total(good).tokens, 'token')} scored in "
+                        f"{len(good)} of {console.plural(len(results), 'input')}"
+                        f"{jobs.processes()}")
+    if len(good) < len(results):
+        if len(results) > 1:
+            what = "line" if per_line else "input"
+            console.error(f"{len(results) - len(good)} of "
+                          f"{console.plural(len(results), what)} could not be scored "
+                          "(see above)")
+        raise typer.Exit(EXIT_FAILURE)
 
 
 # ----------------------------------------------------------------------------- rendering
