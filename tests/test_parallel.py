@@ -39,7 +39,7 @@ def launch(*args: str, launcher: str = "torchrun", timeout: float = 300):
     proc = subprocess.run([sys.executable, "-m", *start, "-m", "nlgen", *args],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout,
                           stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[:4000] + "\n...\n" + proc.stderr[-1500:]
     return proc
 
 

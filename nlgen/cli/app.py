@@ -9,7 +9,7 @@ from typer import rich_utils
 from typer.core import TyperOption
 
 from nlgen import __version__
-from nlgen.cli import finetune, generate, models, perplexity
+from nlgen.cli import finetune, generate, jobs, models, perplexity
 from nlgen.cli.console import error
 from nlgen.cli.runtime import flush_stdout_quietly, is_main_process
 
@@ -82,6 +82,10 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app()
+    except SystemExit as exc:
+        flush_stdout_quietly()
+        jobs.exit_after_group(exc.code)  # under torchrun: see there
+        raise
     finally:
         # A reader that closed the pipe must not turn the exit-time flush into a traceback.
         flush_stdout_quietly()
