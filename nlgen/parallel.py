@@ -146,12 +146,12 @@ class JobOutput:
 
 
 def shared_seed(opts: GenerationOptions) -> GenerationOptions:
-    """Sampling on several ranks without --seed: one seed, drawn on rank 0, for all.
+    """Several ranks without --seed: one seed, drawn on rank 0, for all.
 
-    Then every prompt samples from its own stream (nlgen.sampling), as with --seed, instead
-    of from each rank's unrelated global generator.
+    Then every prompt that samples (records may sample under --greedy) draws from its own
+    stream (nlgen.sampling), as with --seed, instead of from its rank's global generator.
     """
-    if opts.seed is not None or opts.greedy or not distributed.is_distributed():
+    if opts.seed is not None or not distributed.is_distributed():
         return opts
     seed = distributed.broadcast_object(secrets.randbelow(2**32)
                                         if distributed.is_main_process() else None)

@@ -101,8 +101,8 @@ QuietOpt = Annotated[
 JOB = "Batch jobs"
 OutputOpt = Annotated[
     Optional[str],
-    typer.Option("--output", help="Write the jsonl records to FILE as they are done (stdout "
-                 "stays empty); a crash loses only the work in flight: see --resume.",
+    typer.Option("--output", metavar="FILE", help="Write the jsonl records to FILE as they are "
+                 "done (stdout stays empty); a crash loses only the work in flight: see --resume.",
                  rich_help_panel=JOB, show_default=False),
 ]
 ResumeOpt = Annotated[
