@@ -335,11 +335,13 @@ def _finish(view: _View, stats: generation.GenerationStats, wall: float, verbose
     """The closing summary (verbose, or on a terminal), and exit 1 after bad records."""
     if view.lm is not None and (verbose or console.stderr_is_terminal()):
         lm = view.lm
+        # Several processes generate at once: the time of one is their summed time's share.
+        seconds = stats.seconds / distributed.world_size()
+        rate = stats.new_tokens / seconds if seconds > 0 else 0.0
         console.summary(lm.name, lm.device, lm.dtype,
-                        f"{console.plural(stats.new_tokens, 'token')} in {stats.seconds:.1f} s, "
-                        f"{stats.tokens_per_second:.1f} tokens/s "
-                        f"({console.plural(stats.sequences, 'sequence')}, {wall:.1f} s in all"
-                        f"{jobs.processes()})")
+                        f"{console.plural(stats.new_tokens, 'token')} in {seconds:.1f} s, "
+                        f"{rate:.1f} tokens/s ({console.plural(stats.sequences, 'sequence')}, "
+                        f"{wall:.1f} s in all{jobs.processes()})")
     if view.bad:
         console.error(f"{console.plural(view.bad, 'bad record')} answered with an error record")
         raise typer.Exit(EXIT_FAILURE)
