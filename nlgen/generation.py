@@ -21,6 +21,7 @@ from nlgen.extra_options import kebab
 from nlgen.inputs import Prompt
 from nlgen.likelihood import TokenLogprob
 from nlgen.loading import LoadedModel
+from nlgen.sampling import seeded_generate
 from nlgen.streaming import StopAwareStreamer, cut_at_stop, read_windows
 
 log = logging.getLogger("nlgen")
@@ -198,13 +199,16 @@ def _prepare(lm: LoadedModel, index: int, prompt: Prompt, opts: GenerationOption
     tokenizer = lm.tokenizer
     text = prompt.text
     where = f"prompt {index + 1}" + (f" (line {prompt.line})" if prompt.line else "")
-    if opts.chat:
+    chat = opts.chat or prompt.messages is not None
+    if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError(f"model {lm.name!r} has no chat template",
-                             hint="drop --chat, or use a chat-tuned model such as builtin")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}],
-                                             tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=not opts.chat)["input_ids"]
+                             hint="drop --chat and `messages` records, or use a chat-tuned "
+                                  "model such as builtin")
+        messages = prompt.messages or ({"role": "user", "content": prompt.text},)
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
     if not ids:
         raise InputError(f"{where} is empty after tokenization")
     context = lm.context_length
@@ -247,17 +251,34 @@ def generate(
     With ``on_text``, prompts are run one at a time and each one's completion is passed to
     ``on_text`` piece by piece while it is generated (stop strings already cut).
     """
+    source = enumerate(p if isinstance(p, Prompt) else Prompt(p) for p in prompts)
+    return generate_indexed(lm, source, opts, stats=stats, on_text=on_text)
+
+
+def generate_indexed(
+    lm: LoadedModel,
+    source: Iterable[tuple[int, Prompt]],
+    opts: GenerationOptions,
+    *,
+    stats: GenerationStats | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> Iterator[Generation]:
+    """:func:`generate` for ``(index, prompt)`` pairs whose indices are the prompts' places in
+    a larger input (increasing, not necessarily consecutive: one rank's share of a job).
+
+    The index names each result, and with ``--seed`` it picks the prompt's random stream, so a
+    prompt gets the same text whichever process or batch it lands in.
+    """
     import torch
     from transformers import set_seed
 
     stats = stats if stats is not None else GenerationStats()
     config = build_generation_config(lm, opts)
     if opts.seed is not None:
-        set_seed(opts.seed)
+        set_seed(opts.seed)  # beam sampling still draws from torch's global generator
     lm.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     batch_size = 1 if on_text else opts.batch_size
-    source = enumerate(p if isinstance(p, Prompt) else Prompt(p) for p in prompts)
-    for raw_window, failure in read_windows(source, batch_size):
+    for raw_window, failure in read_windows(iter(source), batch_size):
         window: list[_Prepared] = []
         try:
             for i, prompt in raw_window:
@@ -275,7 +296,8 @@ def generate(
         # Sort by length so a batch pads little; emit in input order as results complete.
         order = sorted(window, key=lambda p: len(p.ids))
         done: dict[int, list[Generation]] = {}
-        next_index = window[0].index
+        waiting = iter(item.index for item in window)  # the window's indices, in input order
+        next_index = next(waiting)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             with torch.inference_mode():
@@ -284,7 +306,7 @@ def generate(
                 done[item.index] = gens
             while next_index in done:
                 yield from done.pop(next_index)
-                next_index += 1
+                next_index = next(waiting, None)
         if failure is not None:
             raise failure
 
@@ -300,8 +322,10 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     streamer = StopAwareStreamer(tokenizer, opts.stop, on_text) if on_text else None
     started = time.perf_counter()
     try:
-        output = lm.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+        # With --seed, each prompt samples from its own stream (nlgen.sampling).
+        output = seeded_generate(
+            lm.model, input_ids, attention_mask, seed=opts.seed,
+            indices=[p.index for p in batch], generation_config=config,
             max_new_tokens=max_new, tokenizer=tokenizer if opts.stop else None,
             streamer=streamer, **token_logprobs.request(opts.logprobs),
         )  # (B * num_return_sequences, T + new)

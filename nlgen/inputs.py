@@ -47,6 +47,9 @@ class Prompt:
 
     text: str
     line: int | None = None
+    # A chat (a jsonl record's `messages`): rendered with the model's chat template; `text` is
+    # then its last message, for display.
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 # ----------------------------------------------------------------------------- stdin
@@ -172,6 +175,11 @@ def iter_prompts(sources: Iterable[str], *, whole: bool = False) -> Iterator[Pro
                 yield Prompt(line, number)
 
 
+def is_jsonl(name: str) -> bool:
+    """A file read as JSON records (one a line) rather than as text: by its suffix."""
+    return name != STDIN and name.lower().endswith(".jsonl")
+
+
 def iter_texts(sources: Iterable[str], *, per_line: bool = False) -> Iterator[Text]:
     """Texts from files (``-`` = stdin): one per file, or one per non-blank line (``per_line``).
 
@@ -202,12 +210,17 @@ class Record:
     name: str  # a path or "<stdin>"
     line: int
     fields: dict[str, Any] | None = None
-    error: str | None = None
+    problem: str | None = None  # what is wrong with the line ("not JSON (...)")
     hint: str | None = None
 
     @property
     def label(self) -> str:
         return f"{self.name}:{self.line}"
+
+    @property
+    def error(self) -> str | None:
+        """The problem, with where it is: ``data.jsonl:3: not JSON (...)``."""
+        return f"{self.label}: {self.problem}" if self.problem else None
 
 
 def iter_records(name: str) -> Iterator[Record]:
@@ -223,24 +236,25 @@ def iter_records(name: str) -> Iterator[Record]:
             try:
                 line = _decode(raw, f"{shown} line {number}", first=number == 1)
             except InputError as exc:
-                yield Record(shown, number, error=exc.message, hint=exc.hint)
+                problem = exc.message.split(" is ", 1)[-1]  # "not valid UTF-8 (byte ...)"
+                yield Record(shown, number, problem=problem, hint=exc.hint)
                 continue
             if line.strip():
-                yield _parse_record(shown, number, line)
+                yield parse_record(shown, number, line)
     finally:
         if name != STDIN:
             stream.close()
 
 
-def _parse_record(name: str, number: int, line: str) -> Record:
+def parse_record(name: str, number: int, line: str) -> Record:
     try:
         fields = json.loads(line)
     except json.JSONDecodeError as exc:
-        return Record(name, number, error=f"{name}:{number}: not JSON ({exc.msg}, column "
-                      f"{exc.colno})", hint="one JSON object a line; plain text needs --text")
+        return Record(name, number, problem=f"not JSON ({exc.msg}, column {exc.colno})",
+                      hint="one JSON object a line; plain text needs --text")
     if not isinstance(fields, dict):
-        return Record(name, number, error=f"{name}:{number}: a JSON {_json_type(fields)}, not "
-                      "an object", hint='one object a line: {"field": value, ...}')
+        return Record(name, number, problem=f"a JSON {_json_type(fields)}, not an object",
+                      hint='one object a line: {"field": value, ...}')
     return Record(name, number, fields)
 
 

@@ -144,22 +144,29 @@ def resolve_config(model: Any, config: Any) -> Any:
         return copy.deepcopy(config)
 
 
+@functools.cache
+def _warn_beam_sampling() -> None:
+    """Once per process, not once per batch."""
+    log.warning("beam sampling draws from torch's global generator: its text depends on "
+                "the batch, not only on --seed")
+
+
 def seeded_generate(model: Any, input_ids: Any, attention_mask: Any, *, generation_config: Any,
-                    seed: int, indices: Sequence[int], **kwargs: Any) -> Any:
+                    seed: int | None, indices: Sequence[int], **kwargs: Any) -> Any:
     """``model.generate(...)`` where each prompt samples from its own seeded stream.
 
     ``indices[b]`` is the global index of prompt row b (left padding is fine). Returns what
     generate returns: (B * num_return_sequences, T + new) ids, rows ordered p0s0, p0s1, ...,
-    p1s0, ... With greedy or beam-search configs this is plain ``generate``; beam *sampling*
-    has no per-row stream, so it falls back to generate's own sampling (with a notice).
+    p1s0, ... With greedy or beam-search configs, or no seed, this is plain ``generate``; beam
+    *sampling* has no per-row stream, so it falls back to generate's own sampling (with a
+    notice).
     """
     config = generation_config
-    if not config.do_sample:
+    if seed is None or not config.do_sample:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask,
                               generation_config=config, **kwargs)
     if (config.num_beams or 1) > 1:
-        log.warning("beam sampling draws from torch's global generator: its text depends on "
-                    "the batch, not only on --seed")
+        _warn_beam_sampling()
         return model.generate(input_ids=input_ids, attention_mask=attention_mask,
                               generation_config=config, **kwargs)
     if len(indices) != input_ids.shape[0]:

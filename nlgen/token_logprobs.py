@@ -16,6 +16,7 @@ Core module: no typer, no rich, no printing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from nlgen.errors import UsageError
@@ -84,3 +85,19 @@ def _tokens(text: TokenText, step_logits: Any, row: int, ids: list[int],
 def _token(text: TokenText, token_id: int) -> dict[str, Any]:
     shown, raw = text(token_id)
     return {"token": shown, "token_id": token_id, "bytes": raw}
+
+
+def openai_content(tokens: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
+    """Tokens with their log-probs in OpenAI's shape: {token, logprob, bytes, top_logprobs}.
+
+    ``top_logprobs`` is always there, empty when no alternatives were asked for.
+    """
+    return [{"token": t.token, "logprob": _finite(t.logprob), "bytes": list(t.bytes),
+             "top_logprobs": [{"token": a.token, "logprob": _finite(a.logprob),
+                               "bytes": list(a.bytes)} for a in t.top]}
+            for t in tokens]
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no -inf: a token the model rules out entirely has a null log-prob."""
+    return x if math.isfinite(x) else None

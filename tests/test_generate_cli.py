@@ -260,7 +260,7 @@ def test_unexpected_errors_are_one_line_with_a_debug_hint(cli, monkeypatch, tiny
     def boom(*a, **k):
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(nlgen.generation, "generate", boom)
+    monkeypatch.setattr(nlgen.generation, "generate_indexed", boom)
     result = cli("generate", "--model", str(tiny_model), "hi")
     assert result.exit_code == EXIT_FAILURE
     assert "unexpected RuntimeError: kaput" in result.stderr and "NLGEN_DEBUG=1" in result.stderr

@@ -9,9 +9,9 @@ from typer import rich_utils
 from typer.core import TyperOption
 
 from nlgen import __version__
-from nlgen.cli import finetune, generate, models, perplexity, score
+from nlgen.cli import finetune, generate, jobs, models, perplexity, score
 from nlgen.cli.console import error
-from nlgen.cli.runtime import flush_stdout_quietly
+from nlgen.cli.runtime import flush_stdout_quietly, is_main_process
 
 _display_type_rich = TyperOption.display_type_rich
 
@@ -32,6 +32,8 @@ def _usage_error(exc: Any) -> None:
     Typer draws them in a multi-line box; every other nlgen failure is one line on stderr.
     """
     if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed: nothing to add
+        return
+    if not is_main_process():  # under a launcher every rank has the same bad option: say it once
         return
     ctx = getattr(exc, "ctx", None)
     hint = f"{ctx.command_path} --help lists the options" if ctx is not None else None
@@ -81,6 +83,10 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app()
+    except SystemExit as exc:
+        flush_stdout_quietly()
+        jobs.exit_after_group(exc.code)  # under torchrun: see there
+        raise
     finally:
         # A reader that closed the pipe must not turn the exit-time flush into a traceback.
         flush_stdout_quietly()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Mapping
@@ -164,20 +163,3 @@ class ProgressBar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def token_logprobs(tokens: Any) -> list[dict[str, Any]]:
-    """Tokens with their log-probs in OpenAI's shape: {token, logprob, bytes, top_logprobs}.
-
-    `tokens` are nlgen.likelihood.TokenLogprob (duck-typed: the CLI never imports the core's
-    tensors). ``top_logprobs`` is always there, empty when no alternatives were asked for.
-    """
-    return [{"token": t.token, "logprob": _finite(t.logprob), "bytes": list(t.bytes),
-             "top_logprobs": [{"token": a.token, "logprob": _finite(a.logprob),
-                               "bytes": list(a.bytes)} for a in t.top]}
-            for t in tokens]
-
-
-def _finite(x: float) -> float | None:
-    """JSON has no -inf: a token the model rules out entirely has a null log-prob."""
-    return x if math.isfinite(x) else None

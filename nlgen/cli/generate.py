@@ -4,27 +4,41 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import chain
 from typing import Annotated, Any, Optional
 
 import typer
 
-from nlgen import devices, extra_options, generation, inputs, loading
-from nlgen.cli import console
+from nlgen import (
+    batchjob,
+    devices,
+    distributed,
+    extra_options,
+    generation,
+    inputs,
+    loading,
+    parallel,
+)
+from nlgen.cli import console, jobs
 from nlgen.cli.options import (
+    JOB,
     BatchSizeOpt,
     DeviceOpt,
     Dtype,
     DtypeOpt,
     GenerateFormat,
+    InputFormat,
     ModelOpt,
+    OutputOpt,
     QuietOpt,
+    ResumeOpt,
     SeedOpt,
     TrustRemoteCodeOpt,
     VerboseOpt,
 )
 from nlgen.cli.runtime import guard
-from nlgen.errors import InputError, UsageError
+from nlgen.errors import EXIT_FAILURE, InputError, UsageError
 
 SAMPLING = "Sampling (GenerationConfig)"
 IO = "Input and output"
@@ -41,6 +55,10 @@ def generate(
     whole: Annotated[bool, typer.Option(
         "--whole", help="Take the whole input as one prompt, not one a line.",
         rich_help_panel=IO)] = False,
+    input_format: Annotated[InputFormat, typer.Option(
+        "--input-format", help="text: one prompt a line; jsonl: one request a line (nlgen "
+        "prompt records or OpenAI batch requests, see README); auto: jsonl for *.jsonl.",
+        rich_help_panel=IO)] = InputFormat.auto,
     fmt: Annotated[GenerateFormat, typer.Option(
         "--format", help="text, or jsonl (one object per sequence).",
         rich_help_panel=IO)] = GenerateFormat.text,
@@ -112,6 +130,12 @@ def generate(
     option: Annotated[Optional[list[str]], typer.Option(
         "--option", "-o", help="Any other GenerationConfig field, KEY=VALUE (repeatable).",
         rich_help_panel=SAMPLING)] = None,
+    output: OutputOpt = None,
+    resume: ResumeOpt = False,
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="Answer a bad record of a .jsonl input with an error record and go "
+        "on (exit 1 at the end), instead of stopping before any generation.",
+        rich_help_panel=JOB)] = False,
     batch_size: BatchSizeOpt = 8,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -131,6 +155,10 @@ def generate(
       cat prompts.txt | nlgen generate --format jsonl | jq -r .completion
 
       nlgen generate --model builtin --chat "Write a haiku about the sea"
+
+      nlgen generate -f requests.jsonl --output answers.jsonl   # then --resume after a crash
+
+      torchrun --nproc_per_node 4 -m nlgen generate -f prompts.txt --output out.jsonl
     """
     devices.check_device_spec(device)
     opts = generation.GenerationOptions(
@@ -149,43 +177,98 @@ def generate(
     if stream and jsonl:
         raise UsageError("--stream prints text as it comes; --format jsonl writes each record "
                          "when its prompt is done", hint="drop --stream, or use --format text")
+    if stream and (output or distributed.is_distributed()):
+        raise UsageError("--stream prints one process's text to stdout as it comes",
+                         hint="drop --stream with --output or several processes")
+    parallel.check_shareable([_source(prompts, file)])
+    with jobs.launched(device) as rank_device:
+        opts = parallel.shared_seed(opts)
+        job = parallel.on_every_rank(lambda: _job(prompts, file, whole, input_format, opts,
+                                                  skip_bad, count=output is not None))
+        if stream is None:
+            stream = (job.single and not jsonl and output is None
+                      and not distributed.is_distributed() and console.stdout_is_terminal())
+        if stream and not opts.streamable:
+            raise UsageError("--stream needs one sequence per prompt (no --num-beams or -N)")
+        view = _View(job.fmt, jsonl=jsonl, show_prompt=not completion_only and not chat,
+                     stream=stream, null=null, separator=separator,
+                     several=not job.single or num_return_sequences > 1)
+
+        def load() -> loading.LoadedModel:
+            view.lm = loading.load_model(model, device=rank_device, dtype=dtype.value,
+                                         trust_remote_code=trust_remote_code)
+            if stream and view.show_prompt:
+                console.write(job.first)
+            return view.lm
+
+        stats = generation.GenerationStats()
+        started = time.perf_counter()
+        with parallel.JobOutput(output, batchjob.KEY_FIELDS[job.fmt], resume) as out:
+            view.writer = out.writer
+            requests = (r for r in job.requests if not batchjob.is_done(job.fmt, r, out.done))
+            local = parallel.generate_requests(load, requests, opts, stats=stats,
+                                               uniform=job.fmt == batchjob.TEXT,
+                                               on_text=console.write if stream else None)
+            results = parallel.Gathered(local, parallel.stats_totals(stats))
+            with jobs.JobProgress("generating", job.total, enabled=output is not None,
+                                  done=batchjob.answered(job.fmt, out.done)) as bar:
+                for result in results:
+                    view.show(result)
+                    bar.advance(1, result.new_tokens)
+    if distributed.is_main_process():
+        _finish(view, parallel.stats_from(results.totals), time.perf_counter() - started,
+                verbose)
+
+
+@dataclass
+class _Job:
+    """What a generate run works through: its requests, and what the output depends on."""
+
+    fmt: str  # batchjob.TEXT, PROMPTS or OPENAI
+    requests: Iterator[batchjob.Request]
+    single: bool  # exactly one prompt (no separators between outputs; streaming by default)
+    total: int | None = None  # requests in the input, when known (for the progress bar)
+    first: str = ""  # the first prompt's text (printed first when streaming)
+
+
+def _job(prompts: list[str] | None, file: str | None, whole: bool, input_format: InputFormat,
+         opts: generation.GenerationOptions, skip_bad: bool, count: bool) -> _Job:
+    """The requests from arguments, a text file, a .jsonl request file, or stdin.
+
+    A request file is checked whole before anything is generated (bad records: exit 2,
+    unless --skip-bad). Nothing here loads a model.
+    """
+    source = _source(prompts, file)
+    records = input_format is InputFormat.jsonl or (
+        input_format is InputFormat.auto and source is not None and inputs.is_jsonl(source))
+    if records and (prompts or source is None):
+        raise UsageError("--input-format jsonl reads a file or stdin, not prompt arguments")
+    if records and whole:
+        raise UsageError("--whole reads text; a .jsonl file holds one request a line",
+                         hint="drop --whole, or pass --input-format text")
+    if records:
+        assert source is not None
+        if source != inputs.STDIN:
+            inputs.check_file(source)
+        request_file = batchjob.load_requests(source, opts, skip_bad=skip_bad)
+        return _Job(request_file.fmt, request_file.requests(), request_file.count == 1,
+                    request_file.count)
     prompt_iter, single = _prompt_source(prompts, file, whole)
-    if stream is None:
-        stream = single and not jsonl and console.stdout_is_terminal()
-    if stream and not opts.streamable:
-        raise UsageError("--stream needs one sequence per prompt (no --num-beams or -N)")
     first = next(prompt_iter, None)
     if first is None:
         raise InputError("no prompts in the input: nothing to generate",
                          hint="blank lines are not prompts")
+    total = len(prompts) if prompts else None
+    if count and total is None and file not in (None, inputs.STDIN):
+        total = sum(1 for _ in inputs.iter_prompts([file], whole=whole))
+    requests = batchjob.text_requests(chain([first], prompt_iter), opts)
+    return _Job(batchjob.TEXT, requests, single, total, first.text)
 
-    lm = loading.load_model(model, device=device, dtype=dtype.value,
-                            trust_remote_code=trust_remote_code)
-    show_prompt = not completion_only and not chat
-    stats = generation.GenerationStats()
-    if stream and show_prompt:
-        console.write(first.text)
-    started = time.perf_counter()
-    results = generation.generate(lm, chain([first], prompt_iter), opts, stats=stats,
-                                  on_text=console.write if stream else None)
-    several = not single or num_return_sequences > 1
-    for count, result in enumerate(results):
-        if jsonl:
-            console.write_jsonl(_record(result, lm.name))
-            continue
-        body = result.text if show_prompt else result.completion
-        if null:
-            console.write(("" if stream else body) + "\0")
-        elif stream:
-            console.write("\n")
-        else:
-            console.write(("" if count == 0 or not several else separator + "\n") + body + "\n")
-    if verbose or console.stderr_is_terminal():
-        wall = time.perf_counter() - started
-        console.summary(lm.name, lm.device, lm.dtype,
-                        f"{console.plural(stats.new_tokens, 'token')} in {stats.seconds:.1f} s, "
-                        f"{stats.tokens_per_second:.1f} tokens/s "
-                        f"({console.plural(stats.sequences, 'sequence')}, {wall:.1f} s in all)")
+
+def _source(prompts: list[str] | None, file: str | None) -> str | None:
+    """The input file (``-`` for stdin) that prompts are read from; None for arguments."""
+    piped = not prompts and file is None and not inputs.stdin_is_terminal()
+    return inputs.STDIN if piped else file
 
 
 def _prompt_source(prompts: list[str] | None, file: str | None,
@@ -221,16 +304,61 @@ def _prompt_source(prompts: list[str] | None, file: str | None,
     return inputs.iter_prompts([file], whole=whole), whole
 
 
-def _record(result: generation.Generation, model_name: str) -> dict[str, Any]:
-    record: dict[str, Any] = {"index": result.index}
-    if result.line is not None:
-        record["line"] = result.line
-    record.update({
-        "sequence": result.sequence, "prompt": result.prompt,
-        "completion": result.completion, "text": result.text, "model": model_name,
-        "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-        "finish_reason": result.finish_reason,
-    })
-    if result.logprobs is not None:
-        record["logprobs"] = {"content": console.token_logprobs(result.logprobs)}
-    return record
+@dataclass
+class _View:
+    """Rank 0's side: each answered request to --output, or to stdout as jsonl or text."""
+
+    fmt: str
+    jsonl: bool
+    show_prompt: bool
+    stream: bool
+    null: bool
+    separator: str
+    several: bool
+    lm: Any = None  # set once this rank's model is loaded
+    writer: Any = None  # the --output file's ResumableWriter
+    shown: int = 0  # sequences printed so far (text format)
+    bad: int = 0  # bad records answered with an error record (--skip-bad)
+
+    def show(self, result: batchjob.Result) -> None:
+        request = result.request
+        self.bad += not request.ok
+        records = batchjob.records(self.fmt, result, self.lm.name)
+        if self.writer is not None:
+            for record in records:
+                self.writer.write(record)
+        elif self.jsonl or self.fmt == batchjob.OPENAI:
+            for record in records:
+                console.write_jsonl(record)
+        elif not request.ok:
+            console.error(str(request.error))
+        else:
+            for gen in result.generations:
+                self._text(gen)
+
+    def _text(self, result: generation.Generation) -> None:
+        body = result.text if self.show_prompt else result.completion
+        if self.null:
+            console.write(("" if self.stream else body) + "\0")
+        elif self.stream:
+            console.write("\n")
+        else:
+            gap = "" if self.shown == 0 or not self.several else self.separator + "\n"
+            console.write(gap + body + "\n")
+        self.shown += 1
+
+
+def _finish(view: _View, stats: generation.GenerationStats, wall: float, verbose: bool) -> None:
+    """The closing summary (verbose, or on a terminal), and exit 1 after bad records."""
+    if view.lm is not None and (verbose or console.stderr_is_terminal()):
+        lm = view.lm
+        # Several processes generate at once: the time of one is their summed time's share.
+        seconds = stats.seconds / distributed.world_size()
+        rate = stats.new_tokens / seconds if seconds > 0 else 0.0
+        console.summary(lm.name, lm.device, lm.dtype,
+                        f"{console.plural(stats.new_tokens, 'token')} in {seconds:.1f} s, "
+                        f"{rate:.1f} tokens/s ({console.plural(stats.sequences, 'sequence')}, "
+                        f"{wall:.1f} s in all{jobs.processes()})")
+    if view.bad:
+        console.error(f"{console.plural(view.bad, 'bad record')} answered with an error record")
+        raise typer.Exit(EXIT_FAILURE)

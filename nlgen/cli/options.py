@@ -43,6 +43,14 @@ class GenerateFormat(str, Enum):
     jsonl = "jsonl"
 
 
+class InputFormat(str, Enum):
+    """generate --input-format: auto is jsonl for a *.jsonl file, text otherwise."""
+
+    auto = "auto"
+    text = "text"
+    jsonl = "jsonl"
+
+
 class PerplexityFormat(str, Enum):
     auto = "auto"
     table = "table"
@@ -101,4 +109,17 @@ VerboseOpt = Annotated[
 ]
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No notices on stderr; errors only.")
+]
+
+JOB = "Batch jobs"
+OutputOpt = Annotated[
+    Optional[str],
+    typer.Option("--output", metavar="FILE", help="Write the jsonl records to FILE as they are "
+                 "done (stdout stays empty); a crash loses only the work in flight: see --resume.",
+                 rich_help_panel=JOB, show_default=False),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue the job whose --output FILE exists: skip the records "
+                 "in it, do the rest (same input and options).", rich_help_panel=JOB),
 ]

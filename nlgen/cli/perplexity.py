@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -13,17 +15,19 @@ import typer
 from rich.progress import TimeRemainingColumn
 from rich.table import Table
 
-from nlgen import devices, inputs, loading, scoring
-from nlgen.cli import comparison, console
+from nlgen import devices, distributed, inputs, loading, parallel, scoring
+from nlgen.cli import comparison, console, jobs
 from nlgen.cli.options import (
     BatchSizeOpt,
     DeviceOpt,
     Dtype,
     DtypeOpt,
     ModelOpt,
+    OutputOpt,
     PerplexityFormat,
     QuietOpt,
     ReferenceOpt,
+    ResumeOpt,
     TrustRemoteCodeOpt,
     VerboseOpt,
 )
@@ -53,6 +57,8 @@ def perplexity(
     stride: Annotated[Optional[int], typer.Option(
         "--stride", help="Tokens the window moves; equal to --max-length gives disjoint windows.",
         show_default="half the window", rich_help_panel=WINDOW)] = None,
+    output: OutputOpt = None,
+    resume: ResumeOpt = False,
     batch_size: BatchSizeOpt = 8,
     model: ModelOpt = None,
     reference: ReferenceOpt = None,
@@ -79,14 +85,51 @@ def perplexity(
 
       nlgen generate -N 8 "The sea" --format jsonl | jq -r .text |
         nlgen perplexity --per-line --format jsonl | jq -s 'sort_by(.perplexity)'
+
+      torchrun --nproc_per_node 2 -m nlgen perplexity --per-line corpus.txt --output ppl.jsonl
     """
     devices.check_device_spec(device)
     opts = scoring.ScoreOptions(max_length=max_length, stride=stride, batch_size=batch_size)
-    texts = _texts(files, per_line)
     if fmt is PerplexityFormat.auto:
         fmt = PerplexityFormat.table if console.stdout_is_terminal() else PerplexityFormat.jsonl
+    if reference is not None:
+        if output is not None or distributed.is_distributed():
+            raise UsageError("--reference runs in one process and writes to stdout",
+                             hint="drop --output, and run it without a launcher")
+        _compare(_texts(files, per_line), opts, fmt, per_line, verbose, model=model,
+                 reference=reference, device=device, dtype=dtype.value,
+                 trust_remote_code=trust_remote_code)
+        return
+    parallel.check_shareable(files or ([] if inputs.stdin_is_terminal() else [inputs.STDIN]))
+    with jobs.launched(device) as rank_device:
+        texts = parallel.on_every_rank(lambda: _texts(files, per_line, output))
+        # --output: the records go to the file, stdout stays empty
+        run = _Run(per_line, PerplexityFormat.jsonl if output else fmt)
 
-    models = comparison.load(model, reference, device=device, dtype=dtype.value,
+        def load() -> loading.LoadedModel:
+            run.lm = loading.load_model(model, device=rank_device, dtype=dtype.value,
+                                        trust_remote_code=trust_remote_code, purpose="score")
+            return run.lm
+
+        with parallel.JobOutput(output, KEY_FIELDS[per_line], resume) as out, \
+                _Progress() as bar:
+            run.writer = out.writer
+            texts = (t for t in texts if _key(t, per_line) not in out.done)
+            parts = parallel.score_parts(load, texts, opts, bar.update if bar.enabled else None,
+                                         on_scorer=run.set_scorer)
+            for result in parallel.merge_parts(parallel.Gathered(parts)):
+                run.show(result)
+    if distributed.is_main_process() and run.lm is not None:
+        if output is not None:
+            run.total_of(output, out.resumed)
+        _finish(run.results, run.fmt, run.lm, run.method, per_line, verbose)
+
+
+def _compare(texts: Iterator[inputs.Text], opts: scoring.ScoreOptions, fmt: PerplexityFormat,
+             per_line: bool, verbose: bool, *, model: str | None, reference: str, device: str,
+             dtype: str, trust_remote_code: bool) -> None:
+    """--reference: both models on the same windows, one process, records on stdout."""
+    models = comparison.load(model, reference, device=device, dtype=dtype,
                              trust_remote_code=trust_remote_code)
     lm, scorer = models.lm, comparison.perplexity_scorer(models, opts)
     results = []
@@ -99,10 +142,19 @@ def perplexity(
             elif fmt is PerplexityFormat.jsonl:
                 console.write_jsonl(_record(result, lm.name, scorer.method, per_line))
             results.append(result)
-    _finish(results, fmt, lm, scorer, per_line, verbose)
+    _finish(results, fmt, lm, scorer.method, per_line, verbose)
 
 
-def _texts(files: list[str] | None, per_line: bool) -> Iterator[inputs.Text]:
+KEY_FIELDS = {False: ("input",), True: ("input", "line")}  # what names a record of --output
+
+
+def _key(text: inputs.Text, per_line: bool) -> Any:
+    """A text's key in the --output file, as ResumableWriter reads it back."""
+    return (text.name, text.line) if per_line else text.name
+
+
+def _texts(files: list[str] | None, per_line: bool,
+           output: str | None = None) -> Iterator[inputs.Text]:
     """The texts to score; an input with none is refused before any model loads.
 
     When no file given exists, fail now (only existence is checked of the others: reading
@@ -113,6 +165,8 @@ def _texts(files: list[str] | None, per_line: bool) -> Iterator[inputs.Text]:
             raise UsageError("no input given",
                              hint="nlgen perplexity FILE ..., or pipe a text on stdin")
         files = [inputs.STDIN]
+    if output is not None and not per_line and len(set(files)) < len(files):
+        raise UsageError("an input is named twice: --output keeps one record per input")
     existing = [f for f in files if f == inputs.STDIN or Path(f).exists()]
     if not existing:
         inputs.check_file(files[0])  # raises the message a missing file deserves
@@ -125,19 +179,62 @@ def _texts(files: list[str] | None, per_line: bool) -> Iterator[inputs.Text]:
     return chain([first], texts)
 
 
+@dataclass
+class _Run:
+    """Rank 0's side: each text's result to --output or stdout, as it comes."""
+
+    per_line: bool
+    fmt: PerplexityFormat
+    lm: Any = None  # this rank's model, once loaded
+    method: scoring.Method | None = None
+    writer: Any = None  # the --output file's ResumableWriter
+    results: list[scoring.TextScore] = field(default_factory=list)
+
+    def set_scorer(self, scorer: scoring.Scorer) -> None:
+        self.method = scorer.method
+
+    def show(self, result: scoring.TextScore) -> None:
+        # stdout carries scores only: an error record without a perplexity would sort first
+        # in a `jq sort_by(.perplexity)` ranking. Failures go to stderr, and the exit code.
+        assert self.method is not None
+        if not result.ok:
+            console.error(result.error or "", result.hint)
+        elif self.writer is not None:
+            self.writer.write(_record(result, self.lm.name, self.method, self.per_line))
+            # The file holds the record: keep only what the closing lines count.
+            result = dataclasses.replace(result, input=dataclasses.replace(result.input, text=""))
+        elif self.fmt is PerplexityFormat.jsonl:
+            console.write_jsonl(_record(result, self.lm.name, self.method, self.per_line))
+        self.results.append(result)
+
+    def total_of(self, output: str, resumed: int) -> None:
+        """--output: the corpus total of every record in the file, this run's and earlier."""
+        with open(output, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        summed = scoring.Metrics(nll_sum=math.fsum(r["nll_sum"] for r in rows),
+                                 tokens=sum(r["tokens"] for r in rows),
+                                 bytes=sum(r["bytes"] for r in rows),
+                                 words=sum(r["words"] for r in rows))
+        earlier = f", {resumed} from the resumed run" if resumed else ""
+        console.notice(f"{output}: {console.plural(len(rows), 'record')}{earlier}; perplexity "
+                       f"{_short(summed.perplexity)}, {summed.bits_per_byte:.4f} bits/byte over "
+                       f"{console.plural(summed.tokens, 'token')}")
+
+
 def _finish(results: list[scoring.TextScore], fmt: PerplexityFormat, lm: loading.LoadedModel,
-            scorer: Any, per_line: bool, verbose: bool) -> None:
+            method: scoring.Method | None, per_line: bool, verbose: bool) -> None:
     """The document or table that needs every result, the summary, and the exit code."""
     good = [r for r in results if r.ok]
-    if fmt is PerplexityFormat.json:
-        console.write(json.dumps(_document(results, lm.name, scorer.method, per_line),
+    if fmt is PerplexityFormat.json and method is not None:
+        console.write(json.dumps(_document(results, lm.name, method, per_line),
                                  ensure_ascii=False, indent=2) + "\n")
-    elif fmt is PerplexityFormat.table and good:
-        _print_table(results, lm.name, scorer.method)
+    elif fmt is PerplexityFormat.table and good and method is not None:
+        _print_table(results, lm.name, method)
     if verbose or console.stderr_is_terminal():
         console.summary(lm.name, lm.device, lm.dtype,
-                        f"{console.plural(scorer.scored, 'token')} scored in {len(good)} of "
-                        f"{console.plural(len(results), 'input')}")
+                        f"{console.plural(scoring.total(good).tokens, 'token')} scored in "
+                        f"{len(good)} of {console.plural(len(results), 'input')}"
+                        f"{jobs.processes()}")
     if len(good) < len(results):
         if len(results) > 1:
             what = "line" if per_line else "input"
@@ -232,7 +329,8 @@ class _Progress(console.ProgressBar):
 
     def __init__(self) -> None:
         super().__init__("scoring tokens", TimeRemainingColumn())
-        self.enabled = console.progress_enabled()
+        # Under a launcher: rank 0's share of the windows, which stands for the whole.
+        self.enabled = console.progress_enabled() and distributed.is_main_process()
 
     def update(self, done: int, total: int, **fields: Any) -> None:
         if self._progress is None and total < PROGRESS_MIN_TOKENS:

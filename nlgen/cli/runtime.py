@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 
+from nlgen import distributed
 from nlgen.cli.console import end_line, error, setup_logging
 from nlgen.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, ModelError, NlgenError
 
@@ -39,7 +40,11 @@ def guard(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        setup_logging(verbose=bool(kwargs.get("verbose")), quiet=bool(kwargs.get("quiet")))
+        # Under a launcher only rank 0 speaks: the other ranks' notices are dropped, and their
+        # failures reach rank 0 (nlgen.parallel), which reports them once. A bug still shows.
+        main = is_main_process()
+        setup_logging(verbose=bool(kwargs.get("verbose")),
+                      quiet=bool(kwargs.get("quiet")) or not main)
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -48,11 +53,13 @@ def guard(command: F) -> F:
             if debug_enabled():
                 raise
             flush_stdout_quietly()
-            error(_with_origin(exc, kwargs.get("ctx")), exc.hint)
+            if main:
+                error(_with_origin(exc, kwargs.get("ctx")), exc.hint)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             _end_line_quietly()  # what was printed stays intact, its last line ended
-            error("interrupted")
+            if main:
+                error("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except BrokenPipeError:
             # The reader (head, less, ...) has what it wanted: stop quietly, successfully.
@@ -67,6 +74,14 @@ def guard(command: F) -> F:
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process (a malformed RANK is reported by the command itself)."""
+    try:
+        return distributed.is_main_process()
+    except NlgenError:
+        return True
 
 
 def _with_origin(exc: NlgenError, ctx: typer.Context | None) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
-from nlgen import records
+from nlgen import records, token_logprobs
 from nlgen.cli import console
 
 ELIDE = 40  # characters of a prompt or completion shown in a table cell
@@ -33,7 +33,7 @@ def record(result: records.RecordScore, want_tokens: bool) -> dict[str, Any]:
         if ref:
             out["reference_logprob"] = _num(ref[0].logprob)
         if want_tokens:
-            out["tokens"] = console.token_logprobs(one.tokens)
+            out["tokens"] = token_logprobs.openai_content(one.tokens)
         return out
     out.update(logprobs=[_num(s.logprob) for s in scores],
                num_tokens=[s.num_tokens for s in scores], num_bytes=[s.num_bytes for s in scores],
@@ -44,7 +44,7 @@ def record(result: records.RecordScore, want_tokens: bool) -> dict[str, Any]:
     if ref:
         out["reference_logprobs"] = [_num(s.logprob) for s in ref]
     if want_tokens:
-        out["tokens"] = [console.token_logprobs(s.tokens) for s in scores]
+        out["tokens"] = [token_logprobs.openai_content(s.tokens) for s in scores]
     return out
 
 

@@ -1,0 +1,383 @@
+"""Batch files of requests, and the records a job writes back: nlgen's own and OpenAI's.
+
+A ``.jsonl`` prompt file holds one of two record formats, told apart by their fields:
+
+- **nlgen prompts**: ``{"prompt": "..."}`` or ``{"messages": [{"role": ..., "content": ...}]}``,
+  with any of :data:`OPTION_FIELDS` as per-record sampling options and an optional ``id``
+  echoed back. Answered with ``nlgen generate --format jsonl`` records, one per sequence.
+- **OpenAI batch requests**, the input file of the OpenAI Batch API and of ``vllm run-batch``:
+  ``{"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions",
+  "body": {"model", "prompt" | "messages", "max_tokens", "temperature", "top_p", "n", "stop",
+  "seed", ...}}``. Answered with the Batch API's output lines: ``{"id", "custom_id",
+  "response": {"status_code", "request_id", "body": a completion object with "choices" and
+  "usage"}, "error"}``.
+
+Field names follow OpenAI's API reference (the batch request input and output objects, the
+completion and chat completion objects) and vLLM's ``vllm/entrypoints/openai/run_batch.py``
+(``BatchRequestInput``, ``BatchRequestOutput``, ``BatchResponseData``).
+
+Core module: no typer, no rich, no printing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from nlgen import inputs, token_logprobs
+from nlgen.errors import InputError, UsageError
+from nlgen.generation import Generation, GenerationOptions
+from nlgen.inputs import Prompt, Record
+
+TEXT = "text"  # plain prompts: arguments, or a text file one a line
+PROMPTS = "prompts"  # a .jsonl file of nlgen prompt records
+OPENAI = "openai"  # a .jsonl file of OpenAI batch requests
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+KEY_FIELDS: dict[str, tuple[str, ...]] = {TEXT: ("index", "sequence"),
+                                          PROMPTS: ("index", "sequence"), OPENAI: ("id",)}
+
+# A record's option -> GenerationOptions field. OpenAI's names first, then nlgen's own.
+OPTION_FIELDS = {
+    "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+    "max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
+    "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+    "n": "num_return_sequences", "num_return_sequences": "num_return_sequences",
+    "stop": "stop", "seed": "seed",
+}
+INTEGER_OPTIONS = {"max_new_tokens", "top_k", "num_return_sequences", "seed"}
+# Accepted and left alone: the model is the job's --model; `user` is for OpenAI's abuse checks.
+IGNORED_BODY_FIELDS = {"model", "user", "stream"}
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One record of a job: what to generate and how, or why the record is bad."""
+
+    index: int  # place among the job's requests (0-based): names its output records
+    line: int | None  # line in its file (None for a prompt argument)
+    prompt: Prompt | None = None  # None when the record is bad
+    options: GenerationOptions | None = None
+    custom_id: str | None = None  # OpenAI format
+    url: str | None = None  # OpenAI format: which endpoint the request is for
+    id: Any = None  # nlgen prompt records: the record's own "id", echoed back
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def sequences(self) -> int:
+        return self.options.num_return_sequences if self.options is not None else 1
+
+
+@dataclass(frozen=True)
+class Result:
+    """A request's answer: its sequences in order, or (for a bad request) none."""
+
+    request: Request
+    generations: tuple[Generation, ...] = ()
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(g.completion_tokens for g in self.generations)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def detect_format(lines: Iterable[Record]) -> str:
+    """OPENAI when the first JSON object has the batch request's fields, else PROMPTS."""
+    for item in lines:
+        if item.fields is not None:
+            return OPENAI if {"custom_id", "body"} & set(item.fields) else PROMPTS
+    return PROMPTS
+
+
+def parse_records(lines: Iterable[Record], fmt: str, base: GenerationOptions,
+                  ) -> Iterator[Request]:
+    """A Request per record, in order; a bad record becomes a Request with its error."""
+    custom_ids: set[str] = set()
+    for index, item in enumerate(lines):
+        try:
+            if item.fields is None:
+                raise ValueError(item.problem)
+            if fmt == OPENAI:
+                request = _openai_request(index, item, base)
+                if request.custom_id in custom_ids:
+                    raise ValueError(f"custom_id {request.custom_id!r} is used twice")
+                custom_ids.add(str(request.custom_id))
+            else:
+                request = _prompt_request(index, item, base)
+        except ValueError as exc:
+            custom_id = (item.fields or {}).get("custom_id")
+            yield Request(index, item.line, custom_id=custom_id if isinstance(custom_id, str)
+                          else None, error=f"line {item.line}: {exc}")
+            continue
+        yield request
+
+
+def text_requests(prompts: Iterable[Prompt], base: GenerationOptions) -> Iterator[Request]:
+    """Plain prompts (arguments, or lines of a text file) as requests with the job's options."""
+    for index, prompt in enumerate(prompts):
+        yield Request(index, prompt.line, prompt, base)
+
+
+def _prompt_request(index: int, item: Record, base: GenerationOptions) -> Request:
+    record = dict(item.fields or {})
+    prompt = _prompt(record, item.line, messages_allowed=True, where="")
+    record_id = record.pop("id", None)
+    options = _options(record, base, where="")
+    return Request(index, item.line, prompt, options, id=record_id)
+
+
+def _openai_request(index: int, item: Record, base: GenerationOptions) -> Request:
+    record = dict(item.fields or {})
+    custom_id = record.pop("custom_id", None)
+    if not isinstance(custom_id, str) or not custom_id:
+        raise ValueError("no custom_id (a non-empty string)")
+    method = record.pop("method", "POST")
+    if method != "POST":
+        raise ValueError(f"method {method!r}: only POST is supported")
+    url = record.pop("url", None)
+    if url not in (COMPLETIONS_URL, CHAT_URL):
+        raise ValueError(f"url {url!r}: nlgen answers {COMPLETIONS_URL} and {CHAT_URL}")
+    body = record.pop("body", None)
+    if not isinstance(body, dict):
+        raise ValueError("no body (a JSON object)")
+    if record:
+        raise ValueError(f"unknown field {sorted(record)[0]!r} (a request has custom_id, "
+                         "method, url and body)")
+    body = dict(body)
+    if body.get("stream"):
+        raise ValueError("body.stream: a batch request cannot be streamed")
+    for name in IGNORED_BODY_FIELDS:
+        body.pop(name, None)
+    chat = url == CHAT_URL
+    prompt = _prompt(body, item.line, messages_allowed=chat, where="body.")
+    options = _options(body, dataclasses.replace(base, chat=False), where="body.")
+    return Request(index, item.line, prompt, options, custom_id=custom_id, url=url)
+
+
+def _prompt(record: dict[str, Any], line: int, *, messages_allowed: bool, where: str) -> Prompt:
+    """Pop the prompt (``prompt``, or a chat's ``messages``) out of ``record``."""
+    if "messages" in record and messages_allowed:
+        messages = _messages(record.pop("messages"), where)
+        if "prompt" in record:
+            raise ValueError(f"{where}prompt and {where}messages: give one")
+        return Prompt(messages[-1]["content"], line, messages=messages)
+    if "prompt" not in record:
+        wanted = f"{where}prompt or {where}messages" if messages_allowed else f"{where}prompt"
+        raise ValueError(f"no {wanted} field")
+    text = record.pop("prompt")
+    if isinstance(text, list) and len(text) == 1:  # OpenAI allows a list of prompts
+        text = text[0]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}prompt is not a string (one prompt per request)")
+    if not text.strip():
+        raise ValueError(f"{where}prompt is empty")
+    return Prompt(text, line)
+
+
+def _messages(value: Any, where: str) -> tuple[dict[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}messages is not a non-empty list")
+    messages = []
+    for number, message in enumerate(value, 1):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"{where}messages[{number - 1}] has no role")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text can be read by a text model
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise ValueError(f"{where}messages[{number - 1}]: only text content is supported")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise ValueError(f"{where}messages[{number - 1}] has no text content")
+        messages.append({"role": message["role"], "content": content})
+    return tuple(messages)
+
+
+def _options(record: dict[str, Any], base: GenerationOptions, where: str) -> GenerationOptions:
+    """The job's options overlaid with the record's (what is left in ``record``)."""
+    changes: dict[str, Any] = {}
+    for key, value in record.items():
+        field = OPTION_FIELDS.get(key)
+        if field is None:
+            raise ValueError(f"unknown option {where}{key} (known: "
+                             f"{', '.join(sorted(OPTION_FIELDS))})")
+        changes[field] = _check_type(field, value, f"{where}{key}")
+    if changes.get("temperature") == 0:  # OpenAI's temperature 0: greedy decoding
+        changes.pop("temperature")
+        changes.update({name: None for name in SAMPLING}, greedy=True)
+    elif any(name in changes for name in SAMPLING):
+        changes["greedy"] = False
+    if "max_new_tokens" in changes:
+        changes["max_length"] = None
+    if changes.get("top_k") == -1:  # vLLM's "every token"
+        changes["top_k"] = 0
+    try:
+        return dataclasses.replace(base, **changes)
+    except UsageError as exc:
+        raise ValueError(exc.message) from None
+
+
+def _check_type(field: str, value: Any, name: str) -> Any:
+    if field == "stop":
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError(f"{name} is not a string or a list of strings")
+        return tuple(stops)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} is not a number")
+    if field in INTEGER_OPTIONS:
+        if value != int(value):
+            raise ValueError(f"{name} is not an integer")
+        return int(value)
+    return float(value)
+
+
+@dataclass
+class RequestFile:
+    """A .jsonl request file, checked: its format and how many records, bad ones included."""
+
+    name: str
+    fmt: str
+    count: int
+    bad: list[Request]
+    _read: Callable[[], Iterator[Request]]
+
+    def requests(self) -> Iterator[Request]:
+        return self._read()
+
+
+def load_requests(name: str, base: GenerationOptions, *, skip_bad: bool) -> RequestFile:
+    """Check every record of ``name`` before anything is generated; a bad one stops the job
+    (exit 2) unless ``skip_bad``. A file is read again to generate (memory stays flat);
+    stdin, which cannot be, is kept.
+    """
+    if name == inputs.STDIN:
+        kept = list(inputs.iter_records(name))
+
+        def lines() -> Iterator[Record]:
+            return iter(kept)
+    else:
+        def lines() -> Iterator[Record]:
+            return inputs.iter_records(name)
+
+    fmt = detect_format(lines())
+
+    def read() -> Iterator[Request]:
+        return parse_records(lines(), fmt, base)
+
+    bad: list[Request] = []
+    count = 0
+    for request in read():
+        count += 1
+        if not request.ok:
+            bad.append(request)
+    shown = inputs.display_name(name)
+    if bad and not skip_bad:
+        more = f" (and {len(bad) - 1} more bad records)" if len(bad) > 1 else ""
+        raise UsageError(f"{shown} {bad[0].error}{more}",
+                         hint="fix the records, or pass --skip-bad to answer each bad one with "
+                              "an error record and go on")
+    if count == 0:
+        raise InputError(f"{shown} holds no records: nothing to generate",
+                         hint="blank lines are not records")
+    return RequestFile(name, fmt, count, bad, read)
+
+
+def is_done(fmt: str, request: Request, done: frozenset) -> bool:
+    """Whether a resumed job's output already answers ``request`` (all of its sequences)."""
+    if fmt == OPENAI:
+        return record_id(request.index) in done
+    if (request.index, None) in done:  # answered with an error record
+        return True
+    return all((request.index, s) in done for s in range(request.sequences))
+
+
+def answered(fmt: str, done: frozenset) -> int:
+    """How many requests the keys of a resumed job's output answer (in part or in full)."""
+    return len(done) if fmt == OPENAI else len({key[0] for key in done})
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def record_id(index: int) -> str:
+    """The ``id`` of an OpenAI-format output line: stable, so that --resume can find it."""
+    return f"nlgen-{index}"
+
+
+def records(fmt: str, result: Result, model: str) -> list[dict[str, Any]]:
+    """The output records answering one request, in the job's format."""
+    if fmt == OPENAI:
+        return [openai_record(result, model)]
+    if not result.request.ok:
+        request = result.request
+        return [{"index": request.index, "line": request.line, "sequence": None,
+                 **({"id": request.id} if request.id is not None else {}),
+                 "error": request.error}]
+    return [generation_record(g, model, result.request.id) for g in result.generations]
+
+
+def generation_record(result: Generation, model: str, record_id: Any = None) -> dict[str, Any]:
+    """``nlgen generate --format jsonl``: one object per generated sequence."""
+    record: dict[str, Any] = {"index": result.index}
+    if result.line is not None:
+        record["line"] = result.line
+    if record_id is not None:
+        record["id"] = record_id
+    record.update({
+        "sequence": result.sequence, "prompt": result.prompt,
+        "completion": result.completion, "text": result.text, "model": model,
+        "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+        "finish_reason": result.finish_reason,
+    })
+    if result.logprobs is not None:
+        record["logprobs"] = {"content": token_logprobs.openai_content(result.logprobs)}
+    return record
+
+
+# nlgen's finish reasons -> OpenAI's: an end-of-sequence token and a stop string both "stop".
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "time": "length"}
+
+
+def openai_record(result: Result, model: str) -> dict[str, Any]:
+    """One line of a Batch API output file: the response to one request, or its error."""
+    request = result.request
+    line: dict[str, Any] = {"id": record_id(request.index), "custom_id": request.custom_id}
+    request_id = f"nlgen-req-{request.index}"
+    if not request.ok:
+        error = {"message": request.error, "type": "invalid_request_error", "param": None,
+                 "code": None}
+        line["response"] = {"status_code": 400, "request_id": request_id,
+                            "body": {"error": error}}
+        line["error"] = None
+        return line
+    chat = request.url == CHAT_URL
+    choices = []
+    for g in result.generations:
+        choice: dict[str, Any] = {"index": g.sequence}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": g.completion}
+        else:
+            choice["text"] = g.completion
+        choice.update(logprobs=None, finish_reason=FINISH_REASONS.get(g.finish_reason, "stop"))
+        choices.append(choice)
+    prompt_tokens = result.generations[0].prompt_tokens if result.generations else 0
+    body = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-nlgen-{request.index}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()), "model": model, "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": result.new_tokens,
+                  "total_tokens": prompt_tokens + result.new_tokens},
+    }
+    line["response"] = {"status_code": 200, "request_id": request_id, "body": body}
+    line["error"] = None
+    return line

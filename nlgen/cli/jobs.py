@@ -1,0 +1,97 @@
+"""What generate and perplexity share on the command line: launchers, jobs, progress.
+
+Under ``torchrun`` or ``accelerate launch`` every process runs the same command; rank 0 alone
+prints results, notices, progress and errors (``cli/runtime.py`` quiets the others, whose
+failures reach rank 0 through nlgen.parallel).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.progress import TextColumn, TimeRemainingColumn
+
+from nlgen import distributed
+from nlgen.cli import console
+
+_joined = False  # this process created a process group (see exit_after_group)
+
+
+@contextmanager
+def launched(device: str) -> Iterator[str]:
+    """This process's device (its own GPU under a launcher) inside its process group.
+
+    With one process: ``device`` unchanged and no group (nothing is imported).
+    """
+    global _joined
+    rank_device = distributed.device_for_rank(device)
+    created = distributed.init(rank_device)
+    _joined = _joined or created
+    try:
+        yield rank_device
+    finally:
+        if created:
+            distributed.shutdown()
+
+
+def exit_after_group(code: Any) -> None:
+    """End a process that ran in a gloo/NCCL group with ``os._exit``, once its output is out.
+
+    Some processes abort in the interpreter's own teardown after a clean
+    ``destroy_process_group`` ("terminate called without an active exception", SIGABRT, seen
+    in a few percent of two-rank CPU runs with torch 2.13), in the teardown of gloo's C++
+    objects (as pytorch/pytorch#179291 describes). The work is done and flushed by then
+    (--output is closed and synced), so the process leaves without that teardown, with its
+    own exit code. Processes that did not join a group (finetune's, set up by accelerate)
+    exit normally.
+    """
+    if not _joined:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
+def processes() -> str:
+    """``, 2 processes`` for a summary line under a launcher; nothing otherwise."""
+    world = distributed.world_size()
+    return f", {world} processes" if world > 1 else ""
+
+
+class JobProgress(console.ProgressBar):
+    """done / total, a rate (tokens/s) and the time left; on rank 0's terminal only."""
+
+    def __init__(self, label: str, total: int | None, *, done: int = 0, unit: str = "tokens",
+                 enabled: bool = True) -> None:
+        super().__init__(label, TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+        self.enabled = enabled and distributed.is_main_process() and console.progress_enabled()
+        self.total = total
+        self.done = done
+        self.unit = unit
+        self.amount = 0  # tokens (or other units) since the first result
+        self.started: float | None = None  # the first result: the model is loaded by then
+
+    def advance(self, items: int = 1, amount: int = 0) -> None:
+        self.done += items
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.started is None:
+            self.started = now
+        else:
+            self.amount += amount
+        elapsed = now - self.started
+        rate = f"{self.amount / elapsed:,.1f} {self.unit}/s" if elapsed > 0 else ""
+        self.update(self.done, self.total, rate=rate)  # type: ignore[arg-type]
+
+    def update(self, done: int, total: Any, **fields: Any) -> None:
+        if self.enabled:
+            super().update(done, total, **fields)

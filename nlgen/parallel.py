@@ -1,0 +1,282 @@
+"""Jobs on one process or many: shard the input, work, gather in input order, write resumably.
+
+What ``generate`` and ``perplexity`` share under ``torchrun`` / ``accelerate launch``, built on
+:mod:`nlgen.distributed` (with one process every step below is the plain loop):
+
+1. every rank reads the whole input (files; STDIN cannot be shared) and takes every N-th item;
+2. rank 0 opens the output (:class:`JobOutput`); on ``--resume`` the keys already written are
+   sent to every rank, which drop those items *before* sharding, so the rest stays balanced;
+3. each rank loads its model *inside* the work it hands to :func:`distributed.gather_in_order`,
+   so that a failure anywhere (a model that does not load on one node) reaches rank 0 and is
+   reported there once, and no rank waits for a partner that is gone;
+4. rank 0 receives every result in input order and writes it.
+
+Generation shards prompts. Perplexity shards *windows*: every rank plans the windows of every
+text, scores every N-th one, and rank 0 adds up each text's parts (float64, ``math.fsum``), so
+one long text is spread over the ranks too.
+
+Core module: no typer, no rich, no printing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import closing
+from itertools import islice
+from typing import Any, TypeVar
+
+from nlgen import distributed, generation
+from nlgen.batchjob import Request, Result
+from nlgen.errors import UsageError
+from nlgen.generation import Generation, GenerationOptions, GenerationStats
+from nlgen.inputs import STDIN
+from nlgen.jobfile import ResumableWriter
+from nlgen.loading import LoadedModel
+from nlgen.scoring import ScoreOptions, Scorer, TextScore
+
+T = TypeVar("T")
+WINDOW_BATCHES = 8  # records read ahead (x batch size) and grouped by their options
+
+
+def check_shareable(sources: Iterable[str]) -> None:
+    """Refuse STDIN under several processes: each rank must read the whole input."""
+    if distributed.is_distributed() and STDIN in sources:
+        raise UsageError(f"stdin cannot feed {distributed.world_size()} processes: each one "
+                         "reads the whole input and keeps its share",
+                         hint="save the input to a file and pass the file")
+
+
+def on_every_rank(step: Callable[[], T]) -> T:
+    """Run ``step`` on every rank; when it fails on any rank, it fails on all of them.
+
+    The failing rank raises its own exception, the others a ``DistributedError`` with its
+    message (rank 0 reports it). With one process: ``step()``.
+    """
+    if not distributed.is_distributed():
+        return step()
+    box: list[T] = []
+
+    def attempt() -> Iterator[tuple[int, None]]:
+        box.append(step())
+        yield from ()
+
+    for _ in distributed.gather_in_order(attempt()):
+        pass
+    return box[0]
+
+
+END = math.inf  # the key of each rank's last item, its totals: after every real key
+
+
+class Gathered:
+    """Every rank's results, in key order, on rank 0 (nothing elsewhere: iterate anyway).
+
+    ``totals`` (optional; with numeric keys) gives each rank's counts once its share is done;
+    they travel as the rank's last item, so rank 0 has their exact sums (``math.fsum``) when
+    the results end, with no collective after the loop that a rank stopped early would never
+    join. Stopping early (a closed pipe) closes the gathering, which tells the other ranks to
+    stop.
+    """
+
+    def __init__(self, local: Iterable[tuple[Any, T]],
+                 totals: Callable[[], Sequence[float]] | None = None) -> None:
+        self.local = local
+        self.totals_of = totals
+        self.parts: list[Sequence[float]] = []
+
+    def _with_totals(self) -> Iterator[tuple[Any, Any]]:
+        yield from self.local
+        if self.totals_of is not None:
+            yield END, _Totals(self.totals_of())  # after every (numeric) key
+
+    def __iter__(self) -> Iterator[T]:
+        with closing(distributed.gather_in_order(self._with_totals())) as results:
+            for _, result in results:
+                if isinstance(result, _Totals):
+                    self.parts.append(result.values)
+                else:
+                    yield result
+
+    @property
+    def totals(self) -> list[float]:
+        """Element-wise sums of every rank's totals (rank 0, once iterated)."""
+        return [math.fsum(column) for column in zip(*self.parts)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Totals:
+    values: Sequence[float]
+
+
+class JobOutput:
+    """``--output FILE``: rank 0's :class:`ResumableWriter`, and the keys done, on every rank."""
+
+    def __init__(self, path: str | None, key_fields: Sequence[str], resume: bool) -> None:
+        if resume and path is None:
+            raise UsageError("--resume continues a job written with --output FILE",
+                             hint="pass the --output of the job to resume")
+        self.path = path
+
+        def open_writer() -> ResumableWriter | None:
+            if path is None or not distributed.is_main_process():
+                return None
+            return ResumableWriter(path, key_fields, resume=resume)
+
+        self.writer = on_every_rank(open_writer)
+        keys = self.writer.done_keys if self.writer is not None else frozenset()
+        self.done: frozenset[Hashable] = (distributed.broadcast_object(keys)
+                                          if path is not None else frozenset())
+
+    @property
+    def resumed(self) -> int:
+        return len(self.done)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def __enter__(self) -> JobOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def shared_seed(opts: GenerationOptions) -> GenerationOptions:
+    """Several ranks without --seed: one seed, drawn on rank 0, for all.
+
+    Then every prompt that samples (records may sample under --greedy) draws from its own
+    stream (nlgen.sampling), as with --seed, instead of from its rank's global generator.
+    """
+    if opts.seed is not None or not distributed.is_distributed():
+        return opts
+    seed = distributed.broadcast_object(secrets.randbelow(2**32)
+                                        if distributed.is_main_process() else None)
+    return dataclasses.replace(opts, seed=seed)
+
+
+def stats_totals(stats: GenerationStats) -> Callable[[], list[float]]:
+    """GenerationStats as :class:`Gathered` totals (read when the rank's share is done)."""
+    return lambda: [stats.prompts, stats.sequences, stats.new_tokens, stats.seconds]
+
+
+def stats_from(totals: Sequence[float]) -> GenerationStats:
+    prompts, sequences, tokens, seconds = totals
+    return GenerationStats(int(prompts), int(sequences), int(tokens), seconds)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def generate_requests(load: Callable[[], LoadedModel], requests: Iterable[Request],
+                      opts: GenerationOptions, *, uniform: bool, stats: GenerationStats,
+                      on_text: Callable[[str], None] | None = None,
+                      ) -> Iterator[tuple[int, Result]]:
+    """This rank's share of ``requests``, answered: ``(index, Result)`` in input order.
+
+    ``uniform``: every request has the job's options ``opts`` (plain prompts), so the whole
+    share streams through one generate() call, which answers a slow producer prompt by prompt.
+    Otherwise (records with options of their own) requests are read a window at a time and
+    the window's requests with equal options are batched together.
+    """
+    lm = load()
+    mine = distributed.shard(requests)
+    if uniform:
+        yield from _uniform(lm, mine, opts, stats, on_text)
+        return
+    while window := list(islice(mine, opts.batch_size * WINDOW_BATCHES)):
+        yield from _window(lm, window, stats)
+
+
+def _uniform(lm: LoadedModel, requests: Iterator[Request], opts: GenerationOptions,
+             stats: GenerationStats, on_text: Callable[[str], None] | None,
+             ) -> Iterator[tuple[int, Result]]:
+    in_flight: dict[int, Request] = {}  # filled by generate's reader thread
+
+    def pairs() -> Iterator[tuple[int, Any]]:
+        for request in requests:
+            in_flight[request.index] = request
+            yield request.index, request.prompt
+
+    results = generation.generate_indexed(lm, pairs(), opts, stats=stats, on_text=on_text)
+    for index, gens in _per_prompt(results, opts.num_return_sequences):
+        yield index, Result(in_flight.pop(index), gens)
+
+
+def _window(lm: LoadedModel, window: list[Request],
+            stats: GenerationStats) -> Iterator[tuple[int, Result]]:
+    """One window of records: equal options batched together; results in input order."""
+    groups: list[tuple[Any, list[Request]]] = []
+    for request in window:
+        if not request.ok:
+            continue
+        for options, members in groups:
+            if options == request.options:
+                members.append(request)
+                break
+        else:
+            groups.append((request.options, [request]))
+    by_index = {r.index: r for r in window}
+    done: dict[int, Result] = {r.index: Result(r) for r in window if not r.ok}
+    order = iter(window)
+    waiting = next(order, None)
+    for options, members in groups:
+        pairs = ((r.index, r.prompt) for r in members)
+        results = generation.generate_indexed(lm, pairs, options, stats=stats)
+        for index, gens in _per_prompt(results, options.num_return_sequences):
+            done[index] = Result(by_index[index], gens)
+            while waiting is not None and waiting.index in done:
+                yield waiting.index, done.pop(waiting.index)
+                waiting = next(order, None)
+    while waiting is not None:  # bad records after the last answered one
+        yield waiting.index, done.pop(waiting.index)
+        waiting = next(order, None)
+
+
+def _per_prompt(results: Iterator[Generation], n: int,
+                ) -> Iterator[tuple[int, tuple[Generation, ...]]]:
+    """generate()'s sequences, n per prompt, grouped without reading ahead: a prompt's
+    answer goes out as soon as its last sequence is in (groupby would wait for the next)."""
+    for first in results:
+        yield first.index, (first, *islice(results, n - 1))
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def score_parts(load: Callable[[], LoadedModel], texts: Iterable[Any], opts: ScoreOptions,
+                progress: Callable[[int, int], None] | None = None,
+                on_scorer: Callable[[Scorer], None] | None = None,
+                ) -> Iterator[tuple[tuple[int, int], Any]]:
+    """This rank's part of every text: ``((text index, rank), part)``, in input order.
+
+    Rank 0's part is the TextScore (with its own windows' NLL); the other ranks send only
+    their NLL sum, which :func:`merge_parts` adds in.
+    """
+    lm = load()
+    me, ranks = distributed.rank(), distributed.world_size()
+    scorer = Scorer(lm, opts, shard=(me, ranks))
+    if on_scorer is not None:
+        on_scorer(scorer)
+    for index, result in enumerate(scorer.score(texts, progress)):
+        if me == 0:
+            yield (index, me), result
+        else:
+            yield (index, me), result.metrics.nll_sum if result.metrics is not None else None
+
+
+def merge_parts(parts: Iterable[Any]) -> Iterator[TextScore]:
+    """Rank 0: each text's parts (one per rank, rank 0's first) as one TextScore."""
+    ranks = distributed.world_size()
+    parts = iter(parts)
+    while group := list(islice(parts, ranks)):
+        first = group[0]
+        if ranks == 1 or first.metrics is None:
+            yield first
+            continue
+        nll = math.fsum([first.metrics.nll_sum, *group[1:]])
+        yield dataclasses.replace(first, metrics=dataclasses.replace(first.metrics,
+                                                                     nll_sum=nll))
