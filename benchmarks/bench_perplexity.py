@@ -29,7 +29,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEXT = ROOT / "tests" / "data" / "corpus.txt"
+
+
+def license_text(dist: str = "transformers") -> Path:
+    """Real prose every install has: an installed package's license (transformers: Apache-2.0).
+
+    Not the test corpus, which repeats itself and flatters any method that caches nothing.
+    """
+    import importlib.metadata
+
+    found = [f for f in importlib.metadata.distribution(dist).files or ()
+             if f.name.startswith("LICENSE")]
+    if not found:
+        raise SystemExit(f"no license file in the {dist} distribution; pass --text")
+    return Path(str(found[0].locate()))
+
+
+DEFAULT_TEXT = license_text()
 
 
 def guide_loop(model, input_ids_all, max_length: int, stride: int) -> tuple[float, float, int]:
