@@ -43,12 +43,12 @@ def test_index_is_the_prompts_position_and_line_its_line(cli, tiny_model, tmp_pa
 def test_ctrl_c_while_streaming_ends_the_line(cli, tiny_model, monkeypatch):
     import nlgen.generation
 
-    def interrupted(lm, prompts, opts, *, stats=None, on_text=None):
+    def interrupted(lm, source, opts, *, stats=None, on_text=None):
         on_text(" and then")
         raise KeyboardInterrupt
         yield  # a generator, as the real one
 
-    monkeypatch.setattr(nlgen.generation, "generate", interrupted)
+    monkeypatch.setattr(nlgen.generation, "generate_indexed", interrupted)
     result = cli("generate", "-m", str(tiny_model), "--stream", "Once")
     assert result.exit_code == 130
     assert result.stdout == "Once and then\n"
