@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from nlgen import decode
 from nlgen.errors import InputError, NlgenError, UsageError, first_line
 from nlgen.extra_options import kebab
 from nlgen.inputs import Prompt
@@ -243,11 +244,13 @@ def generate(
     ``on_text`` piece by piece while it is generated (stop strings already cut).
     """
     import torch
-    from transformers import set_seed
 
     stats = stats if stats is not None else GenerationStats()
     config = build_generation_config(lm, opts)
     if opts.seed is not None:
+        # Imported here: transformers.trainer_utils imports peft (~0.35 s before the first token).
+        from transformers import set_seed
+
         set_seed(opts.seed)
     lm.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     batch_size = 1 if on_text else opts.batch_size
@@ -293,9 +296,11 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     attention_mask = encoded["attention_mask"].to(lm.device)  # (B, T)
     max_new = max(p.max_new for p in batch)
     streamer = StopAwareStreamer(tokenizer, opts.stop, on_text) if on_text else None
+    # One prompt with plain options: nlgen's lean loop (same tokens); otherwise generate().
+    run = decode.runner(lm.model, config, rows=len(batch), seeded=opts.seed is not None)
     started = time.perf_counter()
     try:
-        output = lm.model.generate(
+        output = run(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
             max_new_tokens=max_new, tokenizer=tokenizer if opts.stop else None,
             streamer=streamer,
