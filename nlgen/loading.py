@@ -26,8 +26,10 @@ from nlgen.devices import (  # noqa: F401 (re-exported: callers use loading.reso
     check_device_spec,
     check_dtype_spec,
     cpu_has_fast_bf16,
+    cpu_snapshot,
     resolve_device,
     resolve_dtype,
+    spare_threads,
 )
 from nlgen.errors import ModelError, first_line
 
@@ -301,6 +303,7 @@ def _load_pretrained(
     source: str, display: str, device: str, dtype: str, trust: bool, purpose: str,
     *, local_only: bool, model_id: str, quantize: str = "none", cache: Path | None = None,
 ) -> LoadedModel:
+    window = cpu_snapshot()  # from here to the loaded weights: what do other processes use?
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -327,6 +330,10 @@ def _load_pretrained(
         elif "safetensors" in str(exc):
             hint = "nlgen loads only safetensors weights; convert the model with save_pretrained"
         raise ModelError(f"cannot load model {display!r}: {first_line(exc)}", hint=hint) from exc
+    if device == "cpu" and (threads := spare_threads(window, torch.get_num_threads())) < \
+            torch.get_num_threads():
+        log.info("other processes keep the CPU busy: using %d thread(s)", threads)
+        torch.set_num_threads(threads)
     if tokenizer.pad_token is None:
         # Batched generation pads; a model without a pad token pads with EOS (masked out anyway).
         tokenizer.pad_token = tokenizer.eos_token
