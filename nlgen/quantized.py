@@ -2,7 +2,7 @@
 
 Decoding one token reads every weight once, and on a small CPU that memory traffic is the cost
 (notes/speed.md): SmolLM2-135M decodes at ~16 tokens/s in float32 (540 MB a token), ~24 in
-bfloat16 (270 MB), ~47 with int4 blocks (~70 MB) and ~54 with the LM head in int8 too. The
+bfloat16 (270 MB), ~50 with int4 blocks (~70 MB, the LM head left in bfloat16). The
 matrix products run in torch's own CPU kernels (``_weight_int4pack_mm_for_cpu``,
 ``_weight_int8pack_mm``) on bfloat16 activations.
 
@@ -11,8 +11,7 @@ with q in 0..15 (the layout of GGUF's Q4_1). The built-in model's weights come f
 so quantizing its float32 copy recovers the file's own q, scale and low exactly (``exact``): the
 model that runs is the GGUF's, and the only drift from float32 comes from bfloat16 activations
 and scales rounded to bfloat16 (+0.05% perplexity on a held-out text). Other models lose more.
-int8: one scale per output row (symmetric), for the LM head (from GGUF's Q8_0: +0.06%) or, on
-request, every Linear.
+int8 (on request): one scale per output row (symmetric) for every Linear, the LM head included.
 
 torch is imported inside the functions that use it.
 """
@@ -32,7 +31,7 @@ log = logging.getLogger("nlgen")
 
 GROUP = 32  # int4 block size, as GGUF's Q4_0 / Q4_1
 KINDS = ("auto", "none", "int4", "int8")
-FORMAT = "nlgen-quantized-1"  # the cache file's format; another value is recomputed
+FORMAT = "nlgen-quantized-2"  # the cache file's format (2: no LM head); another is recomputed
 CACHE_FILE = "quantized-int4.safetensors"  # next to the converted float32 copy
 
 
@@ -162,28 +161,32 @@ def _classes() -> tuple[type, type]:
     return Int4Linear, Int8Linear
 
 
-def linear_names(model: Any) -> list[str]:
+def linear_names(model: Any, head: bool = True) -> list[str]:
     """The Linear layers that can be quantized: every one whose input width is a whole number
-    of blocks. The LM head is last, when it is a Linear."""
+    of blocks. The LM head is last, when it is a Linear and ``head`` is true."""
     import torch
 
-    head = model.get_output_embeddings()
+    out = model.get_output_embeddings()
     names, last = [], []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module.in_features % GROUP == 0:
-            (last if module is head else names).append(name)
-    return names + last
+            (last if module is out else names).append(name)
+    return names + (last if head else [])
 
 
 def quantize_state(model: Any, kind: str) -> tuple[dict[str, Any], bool]:
-    """Quantized tensors for every layer of ``linear_names``, from the model's current weights
-    (float32 for exactness), and whether the int4 layers were exact. The LM head is int8."""
-    head = model.get_output_embeddings()
+    """Quantized tensors for the layers of ``linear_names``, from the model's current weights
+    (float32 for exactness), and whether the int4 layers were exact.
+
+    int4 leaves the LM head in bfloat16: the built-in model's head is GGUF Q8_0 (8-bit blocks),
+    which int4 cannot hold, and int8 rows of it flipped the greedy answer of a chat prompt whose
+    two best first tokens are 0.08 nats apart in float32 (notes/speed.md). int8 takes it too.
+    """
     state: dict[str, Any] = {}
     exact = True
-    for name in linear_names(model):
+    for name in linear_names(model, head=kind == "int8"):
         weight = model.get_submodule(name).weight
-        if kind == "int8" or model.get_submodule(name) is head:
+        if kind == "int8":
             parts = int8_rows(weight)
         else:
             parts = int4_blocks(weight)

@@ -54,7 +54,7 @@ def _tiny_llama_on_grid(path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path)
-    for name in quantized.linear_names(model)[:-1]:  # the LM head stays as it is (int8)
+    for name in quantized.linear_names(model)[:-1]:  # the LM head: not quantized by int4
         linear = model.get_submodule(name)
         linear.weight.data = _on_q4_grid(linear.weight)
     return model

@@ -11,7 +11,7 @@ from typer.core import TyperOption
 from nlgen import __version__
 from nlgen.cli import finetune, generate, models, perplexity
 from nlgen.cli.console import error
-from nlgen.cli.runtime import flush_stdout_quietly
+from nlgen.cli.runtime import end_process, flush_stdout_quietly
 
 _display_type_rich = TyperOption.display_type_rich
 
@@ -80,6 +80,9 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app()
+    except SystemExit as exc:
+        end_process(exc.code)  # skips the interpreter's teardown where it is safe
+        raise
     finally:
         # A reader that closed the pipe must not turn the exit-time flush into a traceback.
         flush_stdout_quietly()

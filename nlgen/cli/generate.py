@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from nlgen import extra_options, generation, inputs, loading
-from nlgen.cli import console
+from nlgen.cli import console, runtime
 from nlgen.cli.options import (
     BatchSizeOpt,
     DeviceOpt,
@@ -131,6 +131,7 @@ def generate(
       nlgen generate --model builtin --chat "Write a haiku about the sea"
     """
     loading.check_device_spec(device)
+    runtime.exit_fast_when_done()
     opts = generation.GenerationOptions(
         max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
