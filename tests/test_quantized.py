@@ -31,9 +31,12 @@ def test_int4_blocks_find_a_q4_grid_exactly_and_the_kernel_computes_it():
     assert not quantized.int4_blocks(torch.randn(96, 64))["exact"]
     int4, _ = quantized._classes()
     x = torch.randn(3, 5, 64)
-    got = int4(blocks)(x.bfloat16()).float()  # (3, 5, 96)
+    layer = int4(blocks, weight.bfloat16())
+    got = layer(x.bfloat16()).float()  # (3, 5, 96): 15 rows, the int4 kernel
     expected = x.bfloat16().float() @ weight.T  # the same bfloat16 input, exact weights
     assert (got - expected).abs().max() < 0.01 * expected.abs().max()
+    many = torch.randn(quantized.DENSE_FROM, 64).bfloat16()  # enough rows: the dense product
+    assert torch.equal(layer(many), torch.nn.functional.linear(many, weight.bfloat16()))
 
 
 def test_int8_rows_round_trip():
@@ -47,7 +50,8 @@ def test_int8_rows_round_trip():
     _, int8 = quantized._classes()
     x = torch.randn(2, 64)
     expected = x.bfloat16().float() @ weight.T
-    assert (int8(rows)(x.bfloat16()).float() - expected).abs().max() < 0.02 * expected.abs().max()
+    got = int8(rows, weight.bfloat16())(x.bfloat16()).float()
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()
 
 
 def _tiny_llama_on_grid(path):
