@@ -189,6 +189,9 @@ def main() -> None:
     gguf = loading.builtin_gguf_path()
     auto_lm = loading.load_model("builtin", device="cpu", dtype="auto")  # converts once if needed
     source = auto_lm.source  # the safetensors copy nlgen loads: the plain scripts load it too
+    # What dtype auto runs: bfloat16, with the GGUF's own int4 weights (--quantize auto).
+    auto_label = auto_lm.dtype + ("" if auto_lm.quantization == "none"
+                                  else f" + {auto_lm.quantization} weights")
     llama = find_llama_cpp()
     if llama is None:
         notes.append("llama.cpp rows skipped: no llama-bench/llama-completion in "
@@ -206,6 +209,9 @@ def main() -> None:
     procs = {
         "nlgen": [*nlgen, "generate", "--model", "builtin", "--greedy", "-n", str(n),
                   "--min-new-tokens", str(n), PROMPT],
+        "nlgen --quantize none": [*nlgen, "generate", "--model", "builtin", "--greedy", "-n",
+                                  str(n), "--min-new-tokens", str(n), "--quantize", "none",
+                                  PROMPT],
         "plain float32": [sys.executable, plain_path, source, "float32", str(n), PROMPT],
         "plain bfloat16": [sys.executable, plain_path, source, "bfloat16", str(n), PROMPT],
     }
@@ -228,7 +234,7 @@ def main() -> None:
     for name in procs:
         if name != "nlgen":
             theirs = median(times[name])
-            add(Row(f"{what}: nlgen ({auto_lm.dtype}) vs {name}", f"{ours:.2f} s",
+            add(Row(f"{what}: nlgen ({auto_label}) vs {name}", f"{ours:.2f} s",
                     f"{theirs:.2f} s", ratio(ours, theirs, "time, nlgen / baseline")))
     os.unlink(plain_path)
 
@@ -254,6 +260,8 @@ def main() -> None:
     # 4. single prompt tokens/s, in process, the same weights
     same_dtype = getattr(torch, auto_lm.dtype)
     f32_lm = loading.load_model("builtin", device="cpu", dtype="float32")
+    unquantized = {} if auto_lm.quantization == "none" else {
+        "none": loading.load_model("builtin", device="cpu", dtype="auto", quantize="none")}
     plain = {"float32": AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()}
     if auto_lm.dtype != "float32":
         plain[auto_lm.dtype] = AutoModelForCausalLM.from_pretrained(source,
@@ -283,12 +291,14 @@ def main() -> None:
         return float(record["avg_ts"]), record
 
     nlgen_tps(auto_lm), [plain_tps(m) for m in plain.values()]  # warm-up: first-call allocations
-    tps: dict[str, list[float]] = {"auto": [], "float32": [],
+    tps: dict[str, list[float]] = {"auto": [], "float32": [], "none": [],
                                    **{f"plain {k}": [] for k in plain}, "llama": []}
     llama_info: dict = {}
     for _ in range(reps):
         tps["auto"].append(nlgen_tps(auto_lm))
         tps["float32"].append(nlgen_tps(f32_lm))
+        for lm in unquantized.values():
+            tps["none"].append(nlgen_tps(lm))
         for k, model in plain.items():
             tps[f"plain {k}"].append(plain_tps(model))
         if llama:
@@ -296,8 +306,11 @@ def main() -> None:
             tps["llama"].append(ts)
     what = f"single prompt, {n} tokens"
     auto, f32 = median(tps["auto"]), median(tps["float32"])
-    rows_tps = [(f"nlgen dtype auto ({auto_lm.dtype}) vs plain transformers float32", auto,
+    rows_tps = [(f"nlgen dtype auto ({auto_label}) vs plain transformers float32", auto,
                  "plain float32")]
+    if unquantized:
+        rows_tps.append((f"nlgen dtype auto vs nlgen --quantize none ({auto_lm.dtype})", auto,
+                         "none"))
     if auto_lm.dtype != "float32":
         rows_tps.append((f"nlgen dtype auto vs plain transformers {auto_lm.dtype}", auto,
                          f"plain {auto_lm.dtype}"))
@@ -308,17 +321,19 @@ def main() -> None:
                 ratio(speed, base, "speed, nlgen / baseline")))
     if llama:
         tg = median(tps["llama"])
-        add(Row(f"{what}: nlgen dtype auto ({auto_lm.dtype}) vs llama.cpp `llama-bench` "
+        add(Row(f"{what}: nlgen dtype auto ({auto_label}) vs llama.cpp `llama-bench` "
                 f"tg{n}, {threads} threads ({llama_info.get('model_type', 'GGUF')})",
                 f"{auto:.1f} tok/s", f"{tg:.1f} tok/s",
                 ratio(auto, tg, "speed, nlgen / baseline")))
         notes.append(f"llama.cpp build {llama_info.get('build_commit', '?')} "
                      f"({llama_info.get('build_number', '?')}) from {llama}; llama.cpp runs the "
-                     "GGUF's quantized weights as they are, nlgen and the plain scripts run the "
-                     "float32 copy dequantized from them (or bfloat16). tg counts decode only, "
+                     "GGUF's quantized weights as they are; nlgen's dtype auto runs its 4-bit "
+                     "blocks too (int4 kernels, bfloat16 arithmetic, the Q8_0 LM head as int8 "
+                     "rows); the plain scripts run the float32 copy dequantized from them (or "
+                     "bfloat16). tg counts decode only, "
                      "from an empty context; the nlgen rows time the whole generate() call "
                      "(prompt included).")
-    del plain
+    del plain, unquantized
 
     # 5. prose prompts: batched vs one by one (nlgen, dtype auto)
     prompts = prose_prompts(n_prompts)
@@ -335,7 +350,7 @@ def main() -> None:
         batched.append(throughput(n_prompts))
         single.append(throughput(1))
     add(Row(f"{n_prompts} prose prompts x {batch_tokens} tokens: batch {n_prompts} vs one by "
-            f"one (nlgen, {auto_lm.dtype})", f"{median(batched):.1f} tok/s",
+            f"one (nlgen, {auto_label})", f"{median(batched):.1f} tok/s",
             f"{median(single):.1f} tok/s",
             ratio(median(batched), median(single), "speed, batched / one by one")))
 

@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import time
 
 from nlgen.errors import ModelError, UsageError
 
@@ -90,3 +93,40 @@ def resolve_dtype(dtype: str, device: str, purpose: str = "generate") -> str:
     if purpose == "generate" and cpu_has_fast_bf16():
         return "bfloat16"
     return "float32"
+
+
+# ----------------------------------------------------------------------------- CPU threads
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall seconds, CPU seconds busy on the whole machine, CPU seconds of this process), or
+    None where /proc/stat cannot be read (not Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    own = os.times()
+    return time.monotonic(), (sum(fields[:8]) - idle) / tick, own.user + own.system
+
+
+def spare_threads(since: tuple[float, float, float] | None, threads: int) -> int:
+    """How many of torch's ``threads`` to use, given what other processes did since ``since``.
+
+    torch's CPU kernels split each operation over all their threads and wait for the last one.
+    When other processes keep some cores busy, a thread left waiting for a core stalls every
+    operation: measured on the 2-core machines while others ran tests, decoding fell from
+    ~50 to ~0.5 tokens/s with 2 threads, and ran at ~35 with one (notes/speed.md). So leave
+    the cores that others used (in the window, averaged) to them; never fewer than one thread.
+    OMP_NUM_THREADS, when set, is the user's choice and kept.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return threads  # the user's own choice
+    now = cpu_snapshot()
+    if since is None or now is None or now[0] - since[0] < 0.2:
+        return threads  # no measurement, or too short a window to trust
+    others = ((now[1] - since[1]) - (now[2] - since[2])) / (now[0] - since[0])  # cores
+    cores = os.cpu_count() or threads
+    return max(1, min(threads, math.floor(cores - others + 0.5)))

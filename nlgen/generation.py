@@ -8,6 +8,7 @@ every earlier prompt is done.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from nlgen import token_logprobs
+from nlgen import decode, token_logprobs
 from nlgen.errors import InputError, NlgenError, UsageError, first_line
 from nlgen.extra_options import kebab
 from nlgen.inputs import Prompt
@@ -270,11 +271,13 @@ def generate_indexed(
     prompt gets the same text whichever process or batch it lands in.
     """
     import torch
-    from transformers import set_seed
 
     stats = stats if stats is not None else GenerationStats()
     config = build_generation_config(lm, opts)
     if opts.seed is not None:
+        # Imported here: transformers.trainer_utils imports peft (~0.35 s before the first token).
+        from transformers import set_seed
+
         set_seed(opts.seed)  # beam sampling still draws from torch's global generator
     lm.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     batch_size = 1 if on_text else opts.batch_size
@@ -320,12 +323,16 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     attention_mask = encoded["attention_mask"].to(lm.device)  # (B, T)
     max_new = max(p.max_new for p in batch)
     streamer = StopAwareStreamer(tokenizer, opts.stop, on_text) if on_text else None
+    # One prompt with plain options: nlgen's lean loop (same tokens); otherwise generate(),
+    # where with --seed each prompt samples from its own stream (nlgen.sampling).
+    lean = decode.runner(lm.model, config, rows=len(batch), seeded=opts.seed is not None,
+                         logprobs=opts.logprobs is not None)
+    run = lean or functools.partial(seeded_generate, lm.model, seed=opts.seed,
+                                    indices=[p.index for p in batch])
     started = time.perf_counter()
     try:
-        # With --seed, each prompt samples from its own stream (nlgen.sampling).
-        output = seeded_generate(
-            lm.model, input_ids, attention_mask, seed=opts.seed,
-            indices=[p.index for p in batch], generation_config=config,
+        output = run(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
             max_new_tokens=max_new, tokenizer=tokenizer if opts.stop else None,
             streamer=streamer, **token_logprobs.request(opts.logprobs),
         )  # (B * num_return_sequences, T + new)

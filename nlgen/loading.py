@@ -19,8 +19,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from nlgen import gguf
-from nlgen.devices import check_device_spec, check_dtype_spec, resolve_device, resolve_dtype
+from nlgen import gguf, quantized
+from nlgen.devices import (
+    check_device_spec,
+    check_dtype_spec,
+    cpu_snapshot,
+    resolve_device,
+    resolve_dtype,
+    spare_threads,
+)
 from nlgen.errors import ModelError, first_line
 
 log = logging.getLogger("nlgen")
@@ -56,6 +63,7 @@ class LoadedModel:
     device: str  # "cpu", "cuda:0", ...
     dtype: str  # "float32", "bfloat16", "float16"
     model_id: str = ""  # the --model value actually loaded: "builtin" after the default fell back
+    quantization: str = "none"  # "int4" / "int8": weight-only, see nlgen.quantize
 
     @property
     def context_length(self) -> int:
@@ -238,14 +246,20 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     purpose: str = "generate",
+    quantize: str = "auto",
 ) -> LoadedModel:
-    """Load the model named by ``--model`` (``None``: the default, ``gpt2``, else builtin)."""
+    """Load the model named by ``--model`` (``None``: the default, ``gpt2``, else builtin).
+
+    ``quantize`` (generation only): "auto" runs a GGUF model's 4-bit weights as they are when
+    it computes in bfloat16 on the CPU (see nlgen.quantize); "int4" / "int8" quantize any model.
+    """
     check_device_spec(device)
     check_dtype_spec(dtype)
+    quantize = quantized.check_kind(quantize) if purpose == "generate" else "none"
     spec = model if isinstance(model, ModelSpec) else choose_model(model)
     if spec.kind == "hub":
         try:
-            return _load_hub(spec, device, dtype, trust_remote_code, purpose)
+            return _load_hub(spec, device, dtype, trust_remote_code, purpose, quantize)
         except ModelError as exc:
             if spec.explicit:
                 raise
@@ -256,18 +270,20 @@ def load_model(
         directory = gguf.converted_dir(Path(spec.path))
         display = f"builtin ({BUILTIN_NAME})" if spec.kind == "builtin" else spec.name
         return _load_pretrained(str(directory), display, device, dtype, trust_remote_code,
-                                purpose, local_only=True, model_id=spec.name)
+                                purpose, local_only=True, model_id=spec.name,
+                                quantize=quantize, cache=directory)
     return _load_pretrained(spec.path, spec.name, device, dtype, trust_remote_code, purpose,
-                            local_only=True, model_id=spec.name)
+                            local_only=True, model_id=spec.name, quantize=quantize)
 
 
-def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: str) -> LoadedModel:
+def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: str,
+              quantize: str) -> LoadedModel:
     from huggingface_hub import constants
 
     online = hub_reachable()
     try:
         return _load_pretrained(spec.path, spec.name, device, dtype, trust, purpose,
-                                local_only=not online, model_id=spec.name)
+                                local_only=not online, model_id=spec.name, quantize=quantize)
     except ModelError as exc:
         if not online:
             why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
@@ -282,20 +298,25 @@ def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: st
 
 def _load_pretrained(
     source: str, display: str, device: str, dtype: str, trust: bool, purpose: str,
-    *, local_only: bool, model_id: str,
+    *, local_only: bool, model_id: str, quantize: str = "none", cache: Path | None = None,
 ) -> LoadedModel:
+    window = cpu_snapshot()  # from here to the loaded weights: what do other processes use?
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
     device = resolve_device(device)
+    if quantize in ("int4", "int8") and dtype == "auto":
+        dtype = "bfloat16"  # the quantized kernels compute in bfloat16
     dtype = resolve_dtype(dtype, device, purpose)
+    quantize = quantized.choose(quantize, device=device, dtype=dtype, cacheable=bool(cache))
+    load_dtype = "float32" if quantize != "none" else dtype  # quantize from the float32 weights
     kwargs: dict[str, Any] = {"trust_remote_code": trust, "local_files_only": local_only}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, dtype), use_safetensors=True, **kwargs
+            source, dtype=getattr(torch, load_dtype), use_safetensors=True, **kwargs
         )
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         hint = None
@@ -306,9 +327,16 @@ def _load_pretrained(
         elif "safetensors" in str(exc):
             hint = "nlgen loads only safetensors weights; convert the model with save_pretrained"
         raise ModelError(f"cannot load model {display!r}: {first_line(exc)}", hint=hint) from exc
+    if device == "cpu" and (threads := spare_threads(window, torch.get_num_threads())) < \
+            torch.get_num_threads():
+        log.info("other processes keep the CPU busy: using %d thread(s)", threads)
+        torch.set_num_threads(threads)
     if tokenizer.pad_token is None:
         # Batched generation pads; a model without a pad token pads with EOS (masked out anyway).
         tokenizer.pad_token = tokenizer.eos_token
+    if quantize != "none":
+        quantize = quantized.quantize_model(model, quantize, cache=cache)
+        model.to(getattr(torch, dtype))
     model.to(device)
     model.eval()
-    return LoadedModel(model, tokenizer, display, source, device, dtype, model_id)
+    return LoadedModel(model, tokenizer, display, source, device, dtype, model_id, quantize)

@@ -79,6 +79,26 @@ def tiny_lm(tiny_model: Path):
     return load_model(str(tiny_model), device="cpu", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (the built-in model's architecture: nn.Linear layers, RoPE, GQA) with
+    random weights and the tiny GPT-2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         initializer_range=0.3)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture()
 def runner():
     from typer.testing import CliRunner

@@ -200,15 +200,22 @@ def test_user_options_reach_the_generation_config(tiny_lm):
 
 
 def test_no_repeat_ngram_size_changes_a_repetitive_greedy_output(tiny_lm, monkeypatch):
+    from nlgen import decode
+
     seen = []
-    original = tiny_lm.model.generate
+    real_runner = decode.runner
 
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        seen.append(out[0, kwargs["input_ids"].shape[1]:].tolist())
-        return out
+    def runner(*args, **kw):  # whichever loop runs (generate() or nlgen.decode), spied on
+        run = real_runner(*args, **kw)
 
-    monkeypatch.setattr(tiny_lm.model, "generate", spy)
+        def spy(**kwargs):
+            out = run(**kwargs)
+            seen.append(out[0, kwargs["input_ids"].shape[1]:].tolist())
+            return out
+
+        return spy
+
+    monkeypatch.setattr(decode, "runner", runner)
     for size in (None, 2):
         list(generate(tiny_lm, ["The fox"], GenerationOptions(
             greedy=True, max_new_tokens=40, no_repeat_ngram_size=size)))

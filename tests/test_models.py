@@ -140,3 +140,20 @@ def test_bad_gguf_file_is_a_model_error(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="cannot read GGUF file"):
         loading.load_model(str(broken), device="cpu")
     assert not any((tmp_path / "cache" / "converted").glob("broken-*/config.json"))
+
+
+@pytest.mark.parametrize("others, threads, expected", [
+    (0.0, 2, 2), (0.3, 2, 2), (0.8, 2, 1), (1.9, 2, 1), (3.0, 8, 5), (0.0, 1, 1)])
+def test_spare_threads_leave_busy_cores_to_other_processes(monkeypatch, others, threads,
+                                                           expected):
+    from nlgen import devices
+
+    cores = max(threads, 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: cores)
+    # 2 s of wall time; this process used 1.5 CPU seconds, the others `others` cores.
+    monkeypatch.setattr(devices, "cpu_snapshot", lambda: (12.0, 100 + 1.5 + 2 * others, 6.5))
+    assert devices.spare_threads((10.0, 100.0, 5.0), threads) == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    assert devices.spare_threads((10.0, 100.0, 5.0), threads) == threads  # the user's choice
+    assert devices.spare_threads(None, threads) == threads  # not measured: unchanged

@@ -11,7 +11,7 @@ from typer.core import TyperOption
 from nlgen import __version__
 from nlgen.cli import finetune, generate, jobs, models, perplexity, score
 from nlgen.cli.console import error
-from nlgen.cli.runtime import flush_stdout_quietly, is_main_process
+from nlgen.cli.runtime import end_process, flush_stdout_quietly, is_main_process
 
 _display_type_rich = TyperOption.display_type_rich
 
@@ -86,6 +86,7 @@ def main() -> None:
     except SystemExit as exc:
         flush_stdout_quietly()
         jobs.exit_after_group(exc.code)  # under torchrun: see there
+        end_process(exc.code)  # skips the interpreter's teardown where it is safe
         raise
     finally:
         # A reader that closed the pipe must not turn the exit-time flush into a traceback.

@@ -20,7 +20,7 @@ from nlgen import (
     loading,
     parallel,
 )
-from nlgen.cli import console, jobs
+from nlgen.cli import console, jobs, runtime
 from nlgen.cli.options import (
     JOB,
     BatchSizeOpt,
@@ -31,6 +31,8 @@ from nlgen.cli.options import (
     InputFormat,
     ModelOpt,
     OutputOpt,
+    Quantize,
+    QuantizeOpt,
     QuietOpt,
     ResumeOpt,
     SeedOpt,
@@ -140,6 +142,7 @@ def generate(
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
+    quantize: QuantizeOpt = Quantize.auto,
     trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -161,6 +164,7 @@ def generate(
       torchrun --nproc_per_node 4 -m nlgen generate -f prompts.txt --output out.jsonl
     """
     devices.check_device_spec(device)
+    runtime.exit_fast_when_done()
     opts = generation.GenerationOptions(
         max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
@@ -196,7 +200,8 @@ def generate(
 
         def load() -> loading.LoadedModel:
             view.lm = loading.load_model(model, device=rank_device, dtype=dtype.value,
-                                         trust_remote_code=trust_remote_code)
+                                         trust_remote_code=trust_remote_code,
+                                         quantize=quantize.value)
             if stream and view.show_prompt:
                 console.write(job.first)
             return view.lm
@@ -355,7 +360,8 @@ def _finish(view: _View, stats: generation.GenerationStats, wall: float, verbose
         # Several processes generate at once: the time of one is their summed time's share.
         seconds = stats.seconds / distributed.world_size()
         rate = stats.new_tokens / seconds if seconds > 0 else 0.0
-        console.summary(lm.name, lm.device, lm.dtype,
+        weights = "" if lm.quantization == "none" else f", {lm.quantization} weights"
+        console.summary(lm.name, lm.device, lm.dtype + weights,
                         f"{console.plural(stats.new_tokens, 'token')} in {seconds:.1f} s, "
                         f"{rate:.1f} tokens/s ({console.plural(stats.sequences, 'sequence')}, "
                         f"{wall:.1f} s in all{jobs.processes()})")

@@ -21,6 +21,15 @@ class Dtype(str, Enum):
     float16 = "float16"
 
 
+class Quantize(str, Enum):
+    """Weight-only quantization for generating on the CPU (nlgen.quantized)."""
+
+    auto = "auto"
+    none = "none"
+    int4 = "int4"
+    int8 = "int8"
+
+
 class Precision(str, Enum):
     """Mixed precision of a training run (the weights stay float32)."""
 
@@ -94,6 +103,9 @@ DeviceOpt = Annotated[
     typer.Option("--device", help="auto (GPU when there is one), cpu, cuda, cuda:N or mps."),
 ]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Weights' dtype (auto: see README).")]
+QuantizeOpt = Annotated[Quantize, typer.Option(
+    "--quantize", help="Weight-only quantization on the CPU: auto runs a GGUF model's own 4-bit "
+    "weights (bfloat16 arithmetic); int4 / int8 quantize any model (lossy: see README).")]
 TrustRemoteCodeOpt = Annotated[
     bool,
     typer.Option("--trust-remote-code", help="Allow a Hub model to run its own Python code."),

@@ -1,0 +1,259 @@
+"""Weight-only quantization for generating on the CPU: int4 in blocks of 32, int8 per row.
+
+Decoding one token reads every weight once, and on a small CPU that memory traffic is the cost
+(notes/speed.md): SmolLM2-135M decodes at ~16 tokens/s in float32 (540 MB a token), ~24 in
+bfloat16 (270 MB), ~50 with int4 blocks (~70 MB, the LM head left in bfloat16). The
+matrix products run in torch's own CPU kernels (``_weight_int4pack_mm_for_cpu``,
+``_weight_int8pack_mm``) on bfloat16 activations.
+
+int4: each row of a Linear weight is cut into blocks of 32 and stored as ``low + scale * q``
+with q in 0..15 (the layout of GGUF's Q4_1). The built-in model's weights come from a Q4_1 file,
+so quantizing its float32 copy recovers the file's own q, scale and low exactly (``exact``): the
+model that runs is the GGUF's, and the only drift from float32 comes from bfloat16 activations
+and scales rounded to bfloat16 (+0.05% perplexity on a held-out text). Other models lose more.
+int8 (on request): one scale per output row (symmetric) for every Linear, the LM head included.
+Each layer keeps its dense bfloat16 weight too, for prompts and batches of DENSE_FROM rows or
+more, where the dense product is the faster one (so batch throughput and prefill are those of
+bfloat16; the memory is that of bfloat16 plus ~70 MB).
+
+torch is imported inside the functions that use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from nlgen.errors import UsageError
+
+log = logging.getLogger("nlgen")
+
+GROUP = 32  # int4 block size, as GGUF's Q4_0 / Q4_1
+KINDS = ("auto", "none", "int4", "int8")
+FORMAT = "nlgen-quantized-2"  # the cache file's format (2: no LM head); another is recomputed
+CACHE_FILE = "quantized-int4.safetensors"  # next to the converted float32 copy
+# From this many rows (prompt tokens in a prefill, prompts in a batch) the dense bfloat16
+# product is faster than the int4 kernel (M=16: 188 vs 174 us, M=32: 309 vs 351 us for a
+# 1536x576 weight; M=1: 129 vs 29 us), so each layer keeps its dense weight as well.
+DENSE_FROM = 16
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise UsageError(f"invalid --quantize {kind!r}", hint="use one of: " + ", ".join(KINDS))
+    return kind
+
+
+def choose(kind: str, *, device: str, dtype: str, cacheable: bool) -> str:
+    """What a load will do: "none", "int4", "int8", or "auto" (int4 if the weights are 4-bit).
+
+    "auto" considers only a GGUF model's converted copy (``cacheable``) computing in bfloat16 on
+    the CPU; whether its weights really are 4-bit blocks is known once they are read.
+    """
+    if kind == "none":
+        return "none"
+    if kind == "auto":
+        return "auto" if cacheable and device == "cpu" and dtype == "bfloat16" else "none"
+    if device != "cpu":
+        raise UsageError(f"--quantize {kind} runs on the CPU only", hint="add --device cpu")
+    if dtype != "bfloat16":
+        raise UsageError(f"--quantize {kind} computes in bfloat16, not {dtype}",
+                         hint="drop --dtype, or use --dtype bfloat16")
+    return kind
+
+
+def quantize_model(model: Any, kind: str, *, cache: Path | None = None) -> str:
+    """Quantize a float32 model in place for :func:`choose`'s ``kind``; return what was done.
+
+    ``cache``: the converted GGUF copy's directory, where the int4 tensors are kept so that
+    later runs read them (~100 MB) instead of computing them again.
+    """
+    path = cache / CACHE_FILE if cache is not None and kind in ("auto", "int4") else None
+    found = load_cached(path) if path is not None else None
+    if found is None:
+        found = quantize_state(model, "int8" if kind == "int8" else "int4")
+        if path is not None:
+            save_cached(path, *found)
+    state, exact = found
+    if kind == "auto" and not exact:
+        log.debug("the weights are not 4-bit blocks: not quantized")
+        return "none"
+    apply(model, state)
+    return "int8" if kind == "int8" else "int4"
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+def int4_blocks(weight: Any) -> dict[str, Any]:
+    """(N, K) float weight -> codes (N, K/2) uint8 (two per byte, even column low), scale and
+    low (N, K/GROUP) float32, and ``exact``: whether the weight was on that grid already."""
+    import torch
+
+    n, k = weight.shape
+    blocks = weight.detach().float().reshape(n, k // GROUP, GROUP)  # (N, K/G, G)
+    low = blocks.amin(dim=-1)  # (N, K/G)
+    scale = (blocks.amax(dim=-1) - low) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((blocks - low[..., None]) / safe[..., None]).clamp_(0, 15)  # (N, K/G, G)
+    error = (q * scale[..., None] + low[..., None] - blocks).abs().amax(dim=-1)  # (N, K/G)
+    # A weight already on the grid rebuilds to within float32 rounding of its own values.
+    exact = bool((error <= 1e-3 * safe).all())
+    q = q.to(torch.uint8).reshape(n, k)
+    codes = q[:, 0::2] | (q[:, 1::2] << 4)  # (N, K/2)
+    return {"codes": codes.contiguous(), "scale": scale.contiguous(),
+            "low": low.contiguous(), "exact": exact}
+
+
+def int8_rows(weight: Any) -> dict[str, Any]:
+    """(N, K) float weight -> int8 (N, K) and one float32 scale per row (N,)."""
+    import torch
+
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # (N,)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return {"int8": q.contiguous(), "scale": scale.contiguous()}
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+@functools.cache
+def _classes() -> tuple[type, type]:
+    """The two module classes, made on first use so that importing this module imports no torch."""
+    import torch
+
+    class QuantizedLinear(torch.nn.Module):
+        """y = x W^T + b, x in bfloat16 on the CPU: the quantized kernel for a few rows, the
+        dense weight (kept too) from DENSE_FROM rows on, where the dense product is faster."""
+
+        def __init__(self, dense: Any, bias: Any) -> None:
+            super().__init__()
+            self.out_features, self.in_features = dense.shape
+            self.register_buffer("dense", dense.detach())  # cast with the model (bfloat16)
+            self.bias = bias
+
+        def forward(self, x: Any) -> Any:
+            rows = x.reshape(-1, self.in_features)  # (M, K)
+            if rows.shape[0] >= DENSE_FROM:
+                return torch.nn.functional.linear(x, self.dense, self.bias)
+            y = self.product(rows).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+
+    class Int4Linear(QuantizedLinear):
+        """W in int4 blocks of GROUP (torch's CPU int4pack kernel)."""
+
+        def __init__(self, blocks: dict[str, Any], dense: Any, bias: Any = None) -> None:
+            super().__init__(dense, bias)
+            codes = blocks["codes"]  # (N, K/2)
+            q = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(self.out_features, -1)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.to(torch.int32), 1))
+            # The kernel computes (q - 8) * scale + zero, so zero = low + 8 * scale.
+            scale, low = blocks["scale"], blocks["low"]  # (N, K/G)
+            self.register_buffer("scales_zeros", torch.stack(
+                [scale.t(), (low + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous())
+
+        def product(self, rows: Any) -> Any:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP,
+                                                              self.scales_zeros)
+
+    class Int8Linear(QuantizedLinear):
+        """W in int8, one scale per output row."""
+
+        def __init__(self, rows: dict[str, Any], dense: Any, bias: Any = None) -> None:
+            super().__init__(dense, bias)
+            self.register_buffer("weight_int8", rows["int8"])
+            self.register_buffer("scale", rows["scale"].to(torch.bfloat16))
+
+        def product(self, rows: Any) -> Any:
+            return torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
+
+    return Int4Linear, Int8Linear
+
+
+def linear_names(model: Any, head: bool = True) -> list[str]:
+    """The Linear layers that can be quantized: every one whose input width is a whole number
+    of blocks. The LM head is last, when it is a Linear and ``head`` is true."""
+    import torch
+
+    out = model.get_output_embeddings()
+    names, last = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.in_features % GROUP == 0:
+            (last if module is out else names).append(name)
+    return names + (last if head else [])
+
+
+def quantize_state(model: Any, kind: str) -> tuple[dict[str, Any], bool]:
+    """Quantized tensors for the layers of ``linear_names``, from the model's current weights
+    (float32 for exactness), and whether the int4 layers were exact.
+
+    int4 leaves the LM head in bfloat16: the built-in model's head is GGUF Q8_0 (8-bit blocks),
+    which int4 cannot hold, and int8 rows of it flipped the greedy answer of a chat prompt whose
+    two best first tokens are 0.08 nats apart in float32 (notes/speed.md). int8 takes it too.
+    """
+    state: dict[str, Any] = {}
+    exact = True
+    for name in linear_names(model, head=kind == "int8"):
+        weight = model.get_submodule(name).weight
+        if kind == "int8":
+            parts = int8_rows(weight)
+        else:
+            parts = int4_blocks(weight)
+            exact = parts.pop("exact") and exact
+        state.update({f"{name}.{key}": value for key, value in parts.items()})
+    return state, exact
+
+
+def apply(model: Any, state: dict[str, Any]) -> int:
+    """Replace each Linear named in ``state`` by its quantized module; return how many."""
+    int4, int8 = _classes()
+    names = sorted({key.rsplit(".", 1)[0] for key in state})
+    for name in names:
+        old = model.get_submodule(name)
+        parts = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.rsplit(".", 1)[0] == name}
+        new = (int8 if "int8" in parts else int4)(parts, old.weight, old.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return len(names)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def load_cached(path: Path) -> tuple[dict[str, Any], bool] | None:
+    """A quantized state saved by :func:`save_cached`, or None when absent or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                return None
+            # clone(): torch's allocator aligns to 64 bytes; a tensor read from the file may
+            # not be aligned, and the int8 kernel crashes on one that is not.
+            return ({key: f.get_tensor(key).clone() for key in f.keys()},
+                    meta.get("exact") == "1")
+    except Exception:  # missing, truncated, another format: recompute
+        return None
+
+
+def save_cached(path: Path, state: dict[str, Any], exact: bool) -> None:
+    """Write atomically (temporary sibling, then rename); a failure only costs the next run."""
+    from safetensors.torch import save_file
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"format": FORMAT, "exact": "1" if exact else "0"})
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError as exc:
+        log.debug("could not cache the quantized weights at %s: %s", path, exc)

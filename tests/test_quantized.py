@@ -1,0 +1,121 @@
+"""nlgen.quantized: int4 blocks reproduce 4-bit weights exactly, the cache, and when it applies."""
+
+from __future__ import annotations
+
+import pytest
+
+from nlgen import quantized
+from nlgen.errors import UsageError
+from nlgen.generation import GenerationOptions, generate
+
+
+def _on_q4_grid(weight):
+    """Put a weight on GGUF Q4_1's grid: per block of 32, low + scale * q with q in 0..15."""
+    import torch
+
+    n, k = weight.shape
+    blocks = weight.detach().float().reshape(n, k // 32, 32)
+    low = blocks.amin(-1, keepdim=True).half().float()  # GGUF stores both in float16
+    scale = ((blocks.amax(-1, keepdim=True) - low) / 15).half().float()
+    q = torch.round((blocks - low) / scale).clamp(0, 15)
+    return (low + scale * q).reshape(n, k)
+
+
+def test_int4_blocks_find_a_q4_grid_exactly_and_the_kernel_computes_it():
+    import torch
+
+    torch.manual_seed(0)
+    weight = _on_q4_grid(torch.randn(96, 64))
+    blocks = quantized.int4_blocks(weight)
+    assert blocks["exact"] and blocks["codes"].shape == (96, 32)
+    assert not quantized.int4_blocks(torch.randn(96, 64))["exact"]
+    int4, _ = quantized._classes()
+    x = torch.randn(3, 5, 64)
+    layer = int4(blocks, weight.bfloat16())
+    got = layer(x.bfloat16()).float()  # (3, 5, 96): 15 rows, the int4 kernel
+    expected = x.bfloat16().float() @ weight.T  # the same bfloat16 input, exact weights
+    assert (got - expected).abs().max() < 0.01 * expected.abs().max()
+    many = torch.randn(quantized.DENSE_FROM, 64).bfloat16()  # enough rows: the dense product
+    assert torch.equal(layer(many), torch.nn.functional.linear(many, weight.bfloat16()))
+
+
+def test_int8_rows_round_trip():
+    import torch
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64)
+    rows = quantized.int8_rows(weight)
+    rebuilt = rows["int8"].float() * rows["scale"][:, None]
+    assert (rebuilt - weight).abs().max() <= rows["scale"].max() / 2 + 1e-6
+    _, int8 = quantized._classes()
+    x = torch.randn(2, 64)
+    expected = x.bfloat16().float() @ weight.T
+    got = int8(rows, weight.bfloat16())(x.bfloat16()).float()
+    assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def _tiny_llama_on_grid(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    for name in quantized.linear_names(model)[:-1]:  # the LM head: not quantized by int4
+        linear = model.get_submodule(name)
+        linear.weight.data = _on_q4_grid(linear.weight)
+    return model
+
+
+def test_auto_quantizes_4bit_weights_and_caches_them(tiny_llama, tmp_path, monkeypatch):
+    import torch
+
+    model = _tiny_llama_on_grid(tiny_llama)
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.inference_mode():
+        reference = model(ids).logits
+    assert quantized.quantize_model(model, "auto", cache=tmp_path) == "int4"
+    assert (tmp_path / quantized.CACHE_FILE).is_file()
+    model.to(torch.bfloat16)
+    with torch.inference_mode():
+        logits = model(ids).logits.float()
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.75
+    # A second load reads the cache: the same modules without computing anything again.
+    monkeypatch.setattr(quantized, "quantize_state", lambda *a: pytest.fail("not cached"))
+    again = _tiny_llama_on_grid(tiny_llama)
+    assert quantized.quantize_model(again, "auto", cache=tmp_path) == "int4"
+    again.to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(again(ids).logits.float(), logits)
+
+
+def test_auto_leaves_weights_that_are_not_4bit_alone(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)  # random float weights
+    assert quantized.quantize_model(model, "auto", cache=tmp_path) == "none"
+    assert not any(type(m).__name__.startswith("Int") for m in model.modules())
+
+
+def test_choose():
+    auto = {"device": "cpu", "dtype": "bfloat16", "cacheable": True}
+    assert quantized.choose("auto", **auto) == "auto"
+    assert quantized.choose("auto", **{**auto, "cacheable": False}) == "none"
+    assert quantized.choose("auto", **{**auto, "dtype": "float32"}) == "none"
+    assert quantized.choose("auto", **{**auto, "device": "cuda:0"}) == "none"
+    assert quantized.choose("none", **auto) == "none"
+    assert quantized.choose("int8", **{**auto, "cacheable": False}) == "int8"
+    with pytest.raises(UsageError, match="CPU only"):
+        quantized.choose("int4", **{**auto, "device": "cuda:0"})
+    with pytest.raises(UsageError, match="bfloat16"):
+        quantized.choose("int8", **{**auto, "dtype": "float32"})
+    with pytest.raises(UsageError, match="invalid --quantize"):
+        quantized.check_kind("int3")
+
+
+def test_load_model_quantize_int8_generates(tiny_llama):
+    from nlgen.loading import load_model
+
+    lm = load_model(str(tiny_llama), device="cpu", quantize="int8")
+    assert (lm.quantization, lm.dtype) == ("int8", "bfloat16")
+    [result] = generate(lm, ["The quick"], GenerationOptions(greedy=True, max_new_tokens=5))
+    assert result.completion_tokens == 5
+    plain = load_model(str(tiny_llama), device="cpu", dtype="float32")  # auto: not a GGUF copy
+    assert plain.quantization == "none"
