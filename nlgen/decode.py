@@ -89,24 +89,21 @@ def decode(model: Any, *, input_ids: Any, generation_config: Any, max_new_tokens
     :func:`unsupported`. Stops at an EOS token (kept) or after ``max_new_tokens``.
     """
     import torch
-    from transformers import DynamicCache
 
     config = generation_config
     if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
         raise ValueError("decode() takes one unpadded prompt")
     processors = _processors(config, input_ids.shape[1])
     eos = _as_list(config.eos_token_id)
-    cache_kw = {_cache_arg(model): DynamicCache(config=model.config)}
+    step = stepper(model, input_ids.shape[1] + max_new_tokens)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     tokens = input_ids  # (1, T + generated)
     step_input = input_ids
+    position = 0
     for _ in range(max_new_tokens):
-        # No attention mask: one unpadded row, so the model takes the plain causal path, as
-        # generate() does for an all-ones mask.
-        logits = model(input_ids=step_input, use_cache=True, logits_to_keep=1,
-                       **cache_kw).logits  # (1, 1, V)
-        scores = logits[:, -1].to(dtype=torch.float32)  # (1, V), as generate() upcasts
+        scores = step(step_input, position)  # (1, V) float32
+        position += step_input.shape[1]
         scores = processors(tokens, scores)
         if config.do_sample:
             token = sample(scores, config)  # (1,)
@@ -121,6 +118,30 @@ def decode(model: Any, *, input_ids: Any, generation_config: Any, max_new_tokens
     if streamer is not None:
         streamer.end()
     return tokens
+
+
+def stepper(model: Any, max_len: int) -> Callable[[Any, int], Any]:
+    """``step(ids (1, T), position) -> (1, V)`` float32 logits of the token after ``ids``.
+
+    nlgen.lean_llama's forward for the models it supports (the same arithmetic, less around
+    it), else the model's own forward with a DynamicCache. Either keeps its cache between calls.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    from nlgen import lean_llama
+
+    if lean_llama.supports(model):
+        return lean_llama.LeanLlama(model, max_len).step
+    cache_kw = {_cache_arg(model): DynamicCache(config=model.config)}
+
+    def step(ids: Any, position: int) -> Any:
+        # No attention mask: one unpadded row, so the model takes the plain causal path, as
+        # generate() does for an all-ones mask.
+        logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kw).logits
+        return logits[:, -1].to(dtype=torch.float32)  # (1, V), as generate() upcasts
+
+    return step
 
 
 def _as_list(value: Any) -> list[int]:

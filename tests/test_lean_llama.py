@@ -1,0 +1,118 @@
+"""nlgen.lean_llama: the lean forward computes what transformers' Llama forward computes."""
+
+from __future__ import annotations
+
+import pytest
+
+from nlgen import decode, lean_llama, quantized
+from nlgen.generation import GenerationOptions, build_generation_config
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "A"]
+
+
+def _greedy(lm, prompt, n, *, lean):
+    """decode()'s greedy tokens, through the lean forward or (lean=False) the model's own."""
+    import torch
+
+    config = build_generation_config(lm, GenerationOptions(greedy=True))
+    config = decode.sampling.resolve_config(lm.model, config)
+    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    supports = lean_llama.supports
+    try:
+        if not lean:
+            lean_llama.supports = lambda model: False
+        with torch.inference_mode():
+            out = decode.decode(lm.model, input_ids=ids, generation_config=config,
+                                max_new_tokens=n)
+    finally:
+        lean_llama.supports = supports
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama_lm(tiny_llama):
+    from nlgen.loading import load_model
+
+    return load_model(str(tiny_llama), device="cpu", dtype="float32")
+
+
+def test_step_logits_match_the_model_forward_prompt_then_tokens(llama_lm):
+    import torch
+
+    model = llama_lm.model
+    ids = torch.tensor([[5, 9, 2, 7, 11, 3]])
+    lean = lean_llama.LeanLlama(model, max_len=8)
+    with torch.inference_mode():
+        full = model(ids).logits.float()  # (1, 6, V): every position at once
+        first = lean.step(ids[:, :4], 0)  # a prompt of 4
+        second = lean.step(ids[:, 4:5], 4)  # then one token at a time
+        third = lean.step(ids[:, 5:6], 5)
+        with pytest.raises(ValueError, match="past the cache"):
+            lean.step(ids[:, :4], 5)
+    for got, expected in ((first, full[:, 3]), (second, full[:, 4]), (third, full[:, 5])):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_supports_llama_but_not_gpt2_or_scaled_rope(llama_lm, tiny_lm):
+    assert lean_llama.supports(llama_lm.model)
+    assert not lean_llama.supports(tiny_lm.model)
+    config = llama_lm.model.config
+    saved = dict(config.rope_parameters)
+    try:
+        config.rope_parameters = {**saved, "rope_type": "linear", "factor": 2.0}
+        assert not lean_llama.supports(llama_lm.model)
+    finally:
+        config.rope_parameters = saved
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_tokens_equal_the_model_forward_float32(llama_lm, prompt):
+    assert _greedy(llama_lm, prompt, 24, lean=True) == _greedy(llama_lm, prompt, 24, lean=False)
+
+
+def test_int4_fused_products_equal_the_separate_ones_and_greedy_tokens_match(tiny_llama,
+                                                                            tmp_path):
+    """int4 weights in bfloat16: fused q/k/v and gate/up give the separate layers' numbers."""
+    import torch
+
+    from nlgen.loading import load_model
+    from tests.test_quantized import _on_q4_grid
+
+    lm = load_model(str(tiny_llama), device="cpu", quantize="int8")  # bfloat16, int8 layers
+    layer = lm.model.model.layers[0].self_attn
+    fused = quantized.fuse([layer.q_proj, layer.k_proj, layer.v_proj])
+    x = torch.randn(1, 3, layer.q_proj.in_features).bfloat16()
+    expected = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], dim=-1)
+    assert torch.equal(fused(x), expected)
+    # int4: put the tiny model's weights on a Q4 grid, quantize them, compare both loops.
+    int4, int8 = quantized._classes()
+    names = [n for n, m in lm.model.named_modules() if isinstance(m, int8) and "lm_head" not in n]
+    assert len(names) == 2 * 7  # every Linear of the 2 layers
+    for name in names:
+        module = lm.model.get_submodule(name)
+        weight = _on_q4_grid(module.dense.float())
+        parent, _, child = name.rpartition(".")
+        setattr(lm.model.get_submodule(parent), child,
+                int4(quantized.int4_blocks(weight), weight.bfloat16()))
+    mlp = lm.model.model.layers[0].mlp
+    # k/v are 32 rows wide here, half of the int4 kernel's tile: those cannot be fused.
+    assert quantized.fuse([layer.q_proj, layer.k_proj, layer.v_proj]) is None
+    fused = quantized.fuse([mlp.gate_proj, mlp.up_proj])  # 128 + 128 rows
+    assert torch.equal(fused(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1))
+    mixed = [mlp.gate_proj, int8(quantized.int8_rows(mlp.up_proj.dense.float()),
+                                 mlp.up_proj.dense)]
+    assert quantized.fuse(mixed) is None
+    for prompt in PROMPTS:
+        assert _greedy(lm, prompt, 20, lean=True) == _greedy(lm, prompt, 20, lean=False)
+
+
+@pytest.mark.slow
+def test_builtin_default_load_runs_int4_and_the_lean_forward_gives_its_greedy_text():
+    from nlgen.loading import load_model
+
+    lm = load_model("builtin", device="cpu")
+    if lm.dtype != "bfloat16":
+        pytest.skip("this CPU has no fast bfloat16: auto keeps float32, no int4")
+    assert lm.quantization == "int4" and lean_llama.supports(lm.model)
+    prompt = "The history of the printing press"
+    assert _greedy(lm, prompt, 48, lean=True) == _greedy(lm, prompt, 48, lean=False)
