@@ -50,23 +50,24 @@ def unsupported(config: Any) -> list[str]:
             and not (k in NEUTRAL and v == NEUTRAL[k])]
 
 
-def runner(model: Any, config: Any, *, rows: int, seeded: bool = False,
+def runner(lm: Any, config: Any, *, rows: int, seeded: bool = False,
            logprobs: bool = False) -> Callable[..., Any] | None:
-    """``decode`` bound to ``model`` when it can run this request, else None (use generate()).
+    """``decode`` bound to the loaded model ``lm`` when it can run this request, else None
+    (use generate()).
 
     ``rows`` is the number of prompts in the batch: only one is decoded here (a batch amortizes
     generate()'s overhead over its rows anyway). A seeded sampling run keeps generate()'s
     per-prompt random streams (nlgen.sampling); ``logprobs`` needs generate()'s step logits.
     """
-    if rows != 1 or logprobs or _cache_arg(model) is None:
+    if rows != 1 or logprobs or (lm.lean is None and _cache_arg(lm.model) is None):
         return None
-    resolved = sampling.resolve_config(model, config)
+    resolved = sampling.resolve_config(lm.generation_config, config)
     if unsupported(resolved) or (seeded and resolved.do_sample):
         return None
 
     def run(**kwargs: Any) -> Any:
         kwargs.pop("generation_config", None)  # `config`, resolved above
-        return decode(model, generation_config=resolved, **kwargs)
+        return decode(lm, generation_config=resolved, **kwargs)
 
     return run
 
@@ -81,7 +82,7 @@ def _cache_arg(model: Any) -> str | None:
     return next((n for n in ("cache", "past_key_values") if n in params), None)
 
 
-def decode(model: Any, *, input_ids: Any, generation_config: Any, max_new_tokens: int,
+def decode(lm: Any, *, input_ids: Any, generation_config: Any, max_new_tokens: int,
            attention_mask: Any = None, streamer: Any = None, **_: Any) -> Any:
     """Decode one sequence; return it with the prompt, as ``generate()`` does: (1, T + new).
 
@@ -95,7 +96,7 @@ def decode(model: Any, *, input_ids: Any, generation_config: Any, max_new_tokens
         raise ValueError("decode() takes one unpadded prompt")
     processors = _processors(config, input_ids.shape[1])
     eos = _as_list(config.eos_token_id)
-    step = stepper(model, input_ids.shape[1] + max_new_tokens)
+    step = stepper(lm, input_ids.shape[1] + max_new_tokens)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     tokens = input_ids  # (1, T + generated)
@@ -120,19 +121,23 @@ def decode(model: Any, *, input_ids: Any, generation_config: Any, max_new_tokens
     return tokens
 
 
-def stepper(model: Any, max_len: int) -> Callable[[Any, int], Any]:
+def stepper(lm: Any, max_len: int) -> Callable[[Any, int], Any]:
     """``step(ids (1, T), position) -> (1, V)`` float32 logits of the token after ``ids``.
 
     nlgen.lean_llama's forward for the models it supports (the same arithmetic, less around
     it), else the model's own forward with a DynamicCache. Either keeps its cache between calls.
     """
     import torch
-    from transformers import DynamicCache
 
     from nlgen import lean_llama
 
-    if lean_llama.supports(model):
-        return lean_llama.LeanLlama(model, max_len).step
+    if lm.lean is None and lean_llama.supports(lm.model):
+        lm.lean = lean_llama.from_model(lm.model)  # once: its fused weights are copies
+    if lm.lean is not None:
+        return lean_llama.LeanLlama(lm.lean, max_len).step
+    from transformers import DynamicCache
+
+    model = lm.model
     cache_kw = {_cache_arg(model): DynamicCache(config=model.config)}
 
     def step(ids: Any, position: int) -> Any:

@@ -158,7 +158,7 @@ def build_generation_config(lm: LoadedModel, opts: GenerationOptions) -> Any:
 
     from transformers import GenerationConfig
 
-    base = getattr(lm.model, "generation_config", None)
+    base = lm.generation_config
     config = copy.deepcopy(base) if base is not None else GenerationConfig()
     if not config.do_sample:
         # The model does not ask for sampling itself: sample as in the GPT-2 examples.
@@ -325,7 +325,7 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     streamer = StopAwareStreamer(tokenizer, opts.stop, on_text) if on_text else None
     # One prompt with plain options: nlgen's lean loop (same tokens); otherwise generate(),
     # where with --seed each prompt samples from its own stream (nlgen.sampling).
-    lean = decode.runner(lm.model, config, rows=len(batch), seeded=opts.seed is not None,
+    lean = decode.runner(lm, config, rows=len(batch), seeded=opts.seed is not None,
                          logprobs=opts.logprobs is not None)
     run = lean or functools.partial(seeded_generate, lm.model, seed=opts.seed,
                                     indices=[p.index for p in batch])

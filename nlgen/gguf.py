@@ -91,7 +91,7 @@ def _convert(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nlgen.loading import quiet_transformers
+    from nlgen.loaders import quiet_transformers
 
     quiet_transformers()
     _quiet_gguf_reader()

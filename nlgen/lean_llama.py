@@ -21,6 +21,10 @@ torch is imported inside the functions that use it.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from nlgen import quantized
@@ -28,43 +32,122 @@ from nlgen import quantized
 
 def supports(model: Any) -> bool:
     """Whether :class:`LeanLlama` computes exactly what this model's own forward computes."""
-    config = model.config
-    rope = getattr(config, "rope_parameters", None) or {}
-    return (getattr(config, "model_type", None) == "llama"
-            and type(model).__name__ == "LlamaForCausalLM"
-            and model.device.type == "cpu"
+    return (type(model).__name__ == "LlamaForCausalLM" and model.device.type == "cpu"
             and not model.training
-            and config.hidden_act == "silu"
-            and not config.attention_bias and not config.mlp_bias
-            and getattr(config, "pretraining_tp", 1) == 1
-            and rope.get("rope_type", "default") == "default"
-            and getattr(config, "_attn_implementation", "sdpa") == "sdpa")
+            and getattr(model.config, "_attn_implementation", "sdpa") == "sdpa"
+            and supports_config(model.config.to_dict()))
+
+
+def supports_config(config: dict[str, Any]) -> bool:
+    """Whether a config.json describes a Llama this forward computes exactly."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return (config.get("model_type") == "llama"
+            and (config.get("architectures") or ["LlamaForCausalLM"]) == ["LlamaForCausalLM"]
+            and config.get("hidden_act", "silu") == "silu"
+            and not config.get("attention_bias") and not config.get("mlp_bias")
+            and config.get("pretraining_tp", 1) == 1
+            and rope.get("rope_type", rope.get("type", "default")) == "default"
+            and "quantization_config" not in config)
+
+
+@dataclass
+class Weights:
+    """What the forward reads: the config, the embeddings, the layers and the LM head."""
+
+    config: Any  # the model's config (or config.json as a namespace): sizes, eps, RoPE
+    embed: Any  # (V, H)
+    norm: Any  # (H,)
+    head: Any  # (..., H) -> (..., V): the LM head, a Linear (tied to `embed` or its own)
+    layers: list[_Layer]
+    inv_freq: Any  # (D/2,) float32, LlamaRotaryEmbedding's
+    attention_scaling: float = 1.0
+    generation_config: Any = None  # the model's GenerationConfig (files only)
+
+    @property
+    def head_dim(self) -> int:
+        c = self.config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def from_model(model: Any) -> Weights:
+    """The weights of a loaded ``LlamaForCausalLM`` (shared, not copied; fused where int4)."""
+    inner = model.model
+    layers = [_Layer.of(layer) for layer in inner.layers[:model.config.num_hidden_layers]]
+    return Weights(model.config, inner.embed_tokens.weight, inner.norm.weight, model.lm_head,
+                   layers, inner.rotary_emb.inv_freq, inner.rotary_emb.attention_scaling,
+                   getattr(model, "generation_config", None))
+
+
+def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None) -> Weights | None:
+    """The weights of a saved Llama directory (config.json, model.safetensors), read without
+    building transformers' model (whose import alone costs ~1.7 s on the 2-core machines);
+    ``int4``: nlgen.quantized's cached int4 state for its Linear layers. None when the
+    directory holds something else (another architecture, sharded weights, no generation
+    config): the caller loads it the usual way."""
+    import torch
+    from safetensors import safe_open
+    from transformers import GenerationConfig
+
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    weights_file = directory / "model.safetensors"
+    if not (supports_config(raw) and weights_file.is_file()
+            and (directory / "generation_config.json").is_file()):
+        return None
+    config = SimpleNamespace(**raw)
+    with safe_open(str(weights_file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k).to(getattr(torch, dtype)) for k in f.keys()}
+    int4_class, _ = quantized._classes()
+
+    def linear(name: str) -> Any:
+        weight = tensors[f"{name}.weight"]
+        if int4 is not None and f"{name}.codes" in int4:
+            blocks = {k: int4[f"{name}.{k}"] for k in ("codes", "scale", "low")}
+            return int4_class(blocks, weight)
+        module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        module.weight = torch.nn.Parameter(weight, requires_grad=False)
+        return module
+
+    layers = []
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        layers.append(_Layer(
+            tensors[p + "input_layernorm.weight"], tensors[p + "post_attention_layernorm.weight"],
+            *(linear(p + "self_attn." + n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+            *(linear(p + "mlp." + n) for n in ("gate_proj", "up_proj", "down_proj"))))
+    tied = raw.get("tie_word_embeddings", True) or "lm_head.weight" not in tensors
+    head = linear("model.embed_tokens" if tied else "lm_head")
+    rope = raw.get("rope_parameters") or {}
+    base = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    # LlamaRotaryEmbedding.compute_default_rope_parameters, to the letter.
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    return Weights(config, tensors["model.embed_tokens.weight"], tensors["model.norm.weight"],
+                   head, layers, inv_freq, 1.0, GenerationConfig.from_pretrained(directory))
 
 
 class LeanLlama:
     """``step(ids, position) -> logits``: the next-token logits (1, V) in float32 after the
     prompt or token(s) ``ids`` (1, T) placed at ``position``; the cache holds ``max_len``."""
 
-    def __init__(self, model: Any, max_len: int) -> None:
+    def __init__(self, weights: Weights, max_len: int) -> None:
         import torch
 
-        config, inner = model.config, model.model
+        config = weights.config
         self.eps = config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = (getattr(config, "head_dim", None)
-                         or config.hidden_size // config.num_attention_heads)
-        self.embed = inner.embed_tokens.weight  # (V, H)
-        self.norm = inner.norm.weight
-        self.head = model.lm_head
+        self.head_dim = weights.head_dim
+        self.embed, self.norm, self.head = weights.embed, weights.norm, weights.head
         self.dtype = self.embed.dtype
-        self.layers = [_Layer(layer) for layer in inner.layers[:config.num_hidden_layers]]
+        self.layers = weights.layers
         # RoPE, as LlamaRotaryEmbedding: angles in float32, cos/sin cast to the model's dtype.
-        rotary = inner.rotary_emb
         positions = torch.arange(max_len, dtype=torch.float32)
-        freqs = positions[:, None] * rotary.inv_freq.float()[None, :]  # (L, D/2)
+        freqs = positions[:, None] * weights.inv_freq.float()[None, :]  # (L, D/2)
         angles = torch.cat((freqs, freqs), dim=-1)  # (L, D)
-        self.cos = (angles.cos() * rotary.attention_scaling).to(self.dtype)
-        self.sin = (angles.sin() * rotary.attention_scaling).to(self.dtype)
+        self.cos = (angles.cos() * weights.attention_scaling).to(self.dtype)
+        self.sin = (angles.sin() * weights.attention_scaling).to(self.dtype)
         shape = (len(self.layers), 1, self.kv_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype)  # (layers, 1, KV, L, D)
         self.values = torch.zeros(shape, dtype=self.dtype)
@@ -116,16 +199,22 @@ class LeanLlama:
 class _Layer:
     """One decoder layer's weights, with q/k/v and gate/up fused where the kernel allows it."""
 
-    def __init__(self, layer: Any) -> None:
+    def __init__(self, input_norm: Any, post_norm: Any, q_proj: Any, k_proj: Any, v_proj: Any,
+                 o_proj: Any, gate_proj: Any, up_proj: Any, down_proj: Any) -> None:
+        self.input_norm, self.post_norm = input_norm, post_norm
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.sizes = (q_proj.out_features, k_proj.out_features)
+        self.fused_qkv = quantized.fuse([q_proj, k_proj, v_proj])
+        self.fused_gate_up = quantized.fuse([gate_proj, up_proj])
+
+    @classmethod
+    def of(cls, layer: Any) -> _Layer:
+        """The layer of a transformers LlamaDecoderLayer (its own modules)."""
         attn, mlp = layer.self_attn, layer.mlp
-        self.input_norm = layer.input_layernorm.weight
-        self.post_norm = layer.post_attention_layernorm.weight
-        self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
-        self.o_proj, self.down_proj = attn.o_proj, mlp.down_proj
-        self.gate_proj, self.up_proj = mlp.gate_proj, mlp.up_proj
-        self.sizes = (self.q_proj.out_features, self.k_proj.out_features)
-        self.fused_qkv = quantized.fuse([self.q_proj, self.k_proj, self.v_proj])
-        self.fused_gate_up = quantized.fuse([self.gate_proj, self.up_proj])
+        return cls(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                   attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                   mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
     def qkv(self, h: Any, fused: bool) -> tuple[Any, Any, Any]:
         if fused and self.fused_qkv is not None:

@@ -14,12 +14,13 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from nlgen import gguf, quantized
+from nlgen import gguf, loaders, quantized
 from nlgen.devices import (
     check_device_spec,
     check_dtype_spec,
@@ -28,7 +29,7 @@ from nlgen.devices import (
     resolve_dtype,
     spare_threads,
 )
-from nlgen.errors import ModelError, first_line
+from nlgen.errors import ModelError
 
 log = logging.getLogger("nlgen")
 
@@ -54,9 +55,14 @@ class ModelSpec:
 
 @dataclass
 class LoadedModel:
-    """A model ready to run, with what the user should see about it."""
+    """A model ready to run, with what the user should see about it.
 
-    model: Any  # transformers PreTrainedModel, in eval mode, on `device`
+    A Llama read by nlgen.lean_llama (generation on the CPU) has ``lean`` weights and builds
+    transformers' model only when something asks for ``model`` (``loader``): a batch, beams,
+    --logprobs. Until then neither its import (~1.7 s) nor its build is paid.
+    """
+
+    model: Any = field(repr=False)  # transformers PreTrainedModel, eval mode, on `device`
     tokenizer: Any  # transformers tokenizer, with a pad token
     name: str  # display name: "gpt2", "builtin (SmolLM2-135M-Instruct)", a path
     source: str  # the directory or Hub id the weights were read from
@@ -64,15 +70,38 @@ class LoadedModel:
     dtype: str  # "float32", "bfloat16", "float16"
     model_id: str = ""  # the --model value actually loaded: "builtin" after the default fell back
     quantization: str = "none"  # "int4" / "int8": weight-only, see nlgen.quantize
+    lean: Any = field(default=None, repr=False)  # nlgen.lean_llama.Weights, or None
+    loader: Callable[[], Any] | None = field(default=None, repr=False)  # builds `model`
 
     @property
     def context_length(self) -> int:
-        return context_length(self.model, self.tokenizer)
+        config = self.lean.config if self.lean is not None else self.model.config
+        return context_length(config, self.tokenizer)
+
+    @property
+    def generation_config(self) -> Any:
+        """The model's own generation config (None for a model without one)."""
+        if self.lean is not None:
+            return self.lean.generation_config
+        return getattr(self.model, "generation_config", None)
 
 
-def context_length(model: Any, tokenizer: Any = None) -> int:
-    """The longest sequence the model's position embeddings allow."""
-    cfg = model.config
+def _get_model(self: LoadedModel) -> Any:
+    if self._model is None and self.loader is not None:
+        self._model, self.loader = self.loader(), None
+    return self._model
+
+
+def _set_model(self: LoadedModel, value: Any) -> None:
+    self._model = value
+
+
+# Set after the dataclass is made, so that its __init__ stores `model` through the setter.
+LoadedModel.model = property(_get_model, _set_model)  # type: ignore[assignment]
+
+
+def context_length(cfg: Any, tokenizer: Any = None) -> int:
+    """The longest sequence a model config's position embeddings allow."""
     for attr in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
         value = getattr(cfg, attr, None)
         if isinstance(value, int) and value > 0:
@@ -229,16 +258,6 @@ def _remember_probe(endpoint: str, reachable: bool) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
-def quiet_transformers() -> None:
-    """transformers and the Hub print warnings and progress bars of their own; we own stderr."""
-    import transformers
-    from huggingface_hub.utils import disable_progress_bars
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    disable_progress_bars()
-
-
 def load_model(
     model: str | ModelSpec | None,
     *,
@@ -303,30 +322,26 @@ def _load_pretrained(
     window = cpu_snapshot()  # from here to the loaded weights: what do other processes use?
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
+    loaders.quiet_transformers()
     device = resolve_device(device)
     if quantize in ("int4", "int8") and dtype == "auto":
         dtype = "bfloat16"  # the quantized kernels compute in bfloat16
     dtype = resolve_dtype(dtype, device, purpose)
     quantize = quantized.choose(quantize, device=device, dtype=dtype, cacheable=bool(cache))
-    load_dtype = "float32" if quantize != "none" else dtype  # quantize from the float32 weights
     kwargs: dict[str, Any] = {"trust_remote_code": trust, "local_files_only": local_only}
+
+    def full() -> tuple[Any, str]:
+        return loaders.full_model(source, device, dtype, quantize, cache, kwargs)
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, load_dtype), use_safetensors=True, **kwargs
-        )
+        tokenizer = loaders.tokenizer(source, kwargs)
+        lean, quantization = None, "none"
+        if purpose == "generate" and device == "cpu" and Path(source).is_dir():
+            lean, quantization = loaders.lean_weights(Path(source), dtype, quantize, cache)
+        model, quantization = (None, quantization) if lean is not None else full()
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
-        hint = None
-        if "trust_remote_code" in str(exc):
-            hint = "this model runs code of its own; pass --trust-remote-code if you trust it"
-        elif isinstance(exc, SafetensorError) or "header" in str(exc).lower():
-            hint = "the weights file is damaged or incomplete: copy or save the model again"
-        elif "safetensors" in str(exc):
-            hint = "nlgen loads only safetensors weights; convert the model with save_pretrained"
-        raise ModelError(f"cannot load model {display!r}: {first_line(exc)}", hint=hint) from exc
+        raise loaders.load_error(display, exc) from exc
     if device == "cpu" and (threads := spare_threads(window, torch.get_num_threads())) < \
             torch.get_num_threads():
         log.info("other processes keep the CPU busy: using %d thread(s)", threads)
@@ -334,9 +349,12 @@ def _load_pretrained(
     if tokenizer.pad_token is None:
         # Batched generation pads; a model without a pad token pads with EOS (masked out anyway).
         tokenizer.pad_token = tokenizer.eos_token
-    if quantize != "none":
-        quantize = quantized.quantize_model(model, quantize, cache=cache)
-        model.to(getattr(torch, dtype))
-    model.to(device)
-    model.eval()
-    return LoadedModel(model, tokenizer, display, source, device, dtype, model_id, quantize)
+
+    def later() -> Any:  # the lean load's transformers model, when something asks for it
+        try:
+            return full()[0]
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise loaders.load_error(display, exc) from exc
+
+    return LoadedModel(model, tokenizer, display, source, device, dtype, model_id, quantization,
+                       lean=lean, loader=later if lean is not None else None)

@@ -131,17 +131,25 @@ def gumbel_sampler(seed: int, rows: Sequence[tuple[int, int]]) -> Any:
     return _gumbel_class()([row_seed(seed, index, sequence) for index, sequence in rows])
 
 
-def resolve_config(model: Any, config: Any) -> Any:
+def resolve_config(base: Any, config: Any) -> Any:
     """``config`` with its unset fields filled the way generate() fills them.
 
-    generate() takes None fields from the model's generation config, then from transformers'
-    defaults (``top_k=50`` among them); the warpers must see the same values.
+    generate() takes None fields from the model's generation config (``base``), then from
+    transformers' defaults (``top_k=50`` among them); the warpers must see the same values.
+    These are the two updates of GenerationMixin._prepare_generation_config (transformers 5.x),
+    done here without the model (tests/test_sampling.py checks them against it).
     """
-    try:
-        resolved, _ = model._prepare_generation_config(copy.deepcopy(config))
+    resolved = copy.deepcopy(config)
+    if base is None:
         return resolved
+    try:
+        resolved.update(**base.to_dict(), defaults_only=True, allow_custom_entries=True)
+        resolved.update(**base._get_default_generation_params(), defaults_only=True)
     except (AttributeError, TypeError):  # another transformers: the config as given
         return copy.deepcopy(config)
+    if resolved.cache_implementation == "hybrid":
+        resolved.cache_implementation = None
+    return resolved
 
 
 @functools.cache
@@ -175,7 +183,8 @@ def seeded_generate(model: Any, input_ids: Any, attention_mask: Any, *, generati
     from transformers import LogitsProcessorList
 
     processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-    processors.extend(build_warpers(resolve_config(model, config), input_ids.device))
+    processors.extend(build_warpers(resolve_config(model.generation_config, config),
+                                     input_ids.device))
     processors.append(gumbel_sampler(seed, [(i, s) for i in indices for s in range(n)]))
     greedy = copy.deepcopy(config)
     greedy.do_sample = False

@@ -35,7 +35,7 @@ def test_greedy_tokens_equal_generate(request, model, opts):
 
     tiny_lm = request.getfixturevalue(model)
     config = build_generation_config(tiny_lm, opts)
-    run = decode.runner(tiny_lm.model, config, rows=1)
+    run = decode.runner(tiny_lm, config, rows=1)
     assert run is not tiny_lm.model.generate
     for prompt in PROMPTS:
         ids, mask = _ids(tiny_lm, prompt)
@@ -53,12 +53,12 @@ def test_stops_at_eos_like_generate(tiny_lm):
     config = build_generation_config(tiny_lm, GenerationOptions(greedy=True))
     ids, mask = _ids(tiny_lm, PROMPTS[0])
     with torch.inference_mode():
-        first = decode.runner(tiny_lm.model, config, rows=1)(
+        first = decode.runner(tiny_lm, config, rows=1)(
             input_ids=ids, attention_mask=mask, max_new_tokens=3)
     # Make the model's third greedy token the EOS: generation must end right after it.
     config.eos_token_id = int(first[0, -1])
     with torch.inference_mode():
-        out = decode.runner(tiny_lm.model, config, rows=1)(
+        out = decode.runner(tiny_lm, config, rows=1)(
             input_ids=ids, attention_mask=mask, max_new_tokens=10)
     assert out.shape[1] <= ids.shape[1] + 3 and int(out[0, -1]) == config.eos_token_id
 
@@ -67,7 +67,7 @@ def test_sampling_with_a_fixed_seed_is_reproducible(tiny_lm):
     import torch
 
     config = build_generation_config(tiny_lm, GenerationOptions())  # GPT-2 style sampling
-    run = decode.runner(tiny_lm.model, config, rows=1)
+    run = decode.runner(tiny_lm, config, rows=1)
     assert run is not tiny_lm.model.generate
     ids, mask = _ids(tiny_lm, PROMPTS[0])
     outs = []
@@ -112,15 +112,15 @@ def test_warp_is_generates_warped_distribution(fields):
 ], ids=["batch", "seed", "beams", "sequences", "stop", "typical", "max-time", "scores"])
 def test_other_requests_keep_generate(tiny_lm, rows, seeded, opts):
     config = build_generation_config(tiny_lm, opts)
-    assert decode.runner(tiny_lm.model, config, rows=rows, seeded=seeded) is None
+    assert decode.runner(tiny_lm, config, rows=rows, seeded=seeded) is None
 
 
 def test_logprobs_and_seeded_sampling_keep_generate_but_seeded_greedy_does_not(tiny_lm):
     sampled = build_generation_config(tiny_lm, GenerationOptions(seed=3))
     greedy = build_generation_config(tiny_lm, GenerationOptions(greedy=True, seed=3))
-    assert decode.runner(tiny_lm.model, greedy, rows=1, logprobs=True) is None
-    assert decode.runner(tiny_lm.model, sampled, rows=1, seeded=True) is None
-    assert decode.runner(tiny_lm.model, greedy, rows=1, seeded=True) is not None
+    assert decode.runner(tiny_lm, greedy, rows=1, logprobs=True) is None
+    assert decode.runner(tiny_lm, sampled, rows=1, seeded=True) is None
+    assert decode.runner(tiny_lm, greedy, rows=1, seeded=True) is not None
 
 
 def test_generate_takes_the_lean_loop_for_one_prompt(tiny_lm, monkeypatch):

@@ -15,17 +15,18 @@ def _greedy(lm, prompt, n, *, lean):
     import torch
 
     config = build_generation_config(lm, GenerationOptions(greedy=True))
-    config = decode.sampling.resolve_config(lm.model, config)
+    config = decode.sampling.resolve_config(lm.generation_config, config)
     ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    supports = lean_llama.supports
+    supports, weights = lean_llama.supports, lm.lean
     try:
         if not lean:
-            lean_llama.supports = lambda model: False
+            assert lm.model is not None  # built now, if the load was a lean one
+            lm.lean, lean_llama.supports = None, lambda model: False
         with torch.inference_mode():
-            out = decode.decode(lm.model, input_ids=ids, generation_config=config,
+            out = decode.decode(lm, input_ids=ids, generation_config=config,
                                 max_new_tokens=n)
     finally:
-        lean_llama.supports = supports
+        lean_llama.supports, lm.lean = supports, weights
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -41,7 +42,7 @@ def test_step_logits_match_the_model_forward_prompt_then_tokens(llama_lm):
 
     model = llama_lm.model
     ids = torch.tensor([[5, 9, 2, 7, 11, 3]])
-    lean = lean_llama.LeanLlama(model, max_len=8)
+    lean = lean_llama.LeanLlama(lean_llama.from_model(model), max_len=8)
     with torch.inference_mode():
         full = model(ids).logits.float()  # (1, 6, V): every position at once
         first = lean.step(ids[:, :4], 0)  # a prompt of 4
@@ -116,3 +117,33 @@ def test_builtin_default_load_runs_int4_and_the_lean_forward_gives_its_greedy_te
     assert lm.quantization == "int4" and lean_llama.supports(lm.model)
     prompt = "The history of the printing press"
     assert _greedy(lm, prompt, 48, lean=True) == _greedy(lm, prompt, 48, lean=False)
+
+
+def test_a_saved_llama_loads_lean_and_builds_transformers_model_only_when_asked(tiny_llama):
+    from nlgen.generation import generate
+    from nlgen.loading import load_model
+
+    lm = load_model(str(tiny_llama), device="cpu", dtype="float32")
+    assert lm.lean is not None and lm._model is None
+    opts = GenerationOptions(greedy=True, max_new_tokens=12)
+    [one] = generate(lm, ["Once upon a time"], opts)
+    assert lm._model is None  # one prompt: the lean loop, no transformers model
+    assert lm.context_length == lm.model.config.max_position_embeddings  # built from here on
+    assert lm.generation_config.to_dict() == lm.model.generation_config.to_dict()
+    both = list(generate(lm, ["Once upon a time", "A"], opts))  # a batch: generate()
+    assert both[0].completion == one.completion
+
+
+def test_lean_files_forward_equals_transformers_forward(tiny_llama):
+    import torch
+
+    from nlgen.loading import load_model
+
+    lm = load_model(str(tiny_llama), device="cpu", dtype="float32")
+    ids = torch.tensor([[5, 9, 2, 7, 11]])
+    with torch.inference_mode():
+        expected = lm.model(ids).logits[:, -1].float()
+        got = lean_llama.LeanLlama(lm.lean, max_len=5).step(ids, 0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for prompt in PROMPTS:
+        assert _greedy(lm, prompt, 24, lean=True) == _greedy(lm, prompt, 24, lean=False)

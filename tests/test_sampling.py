@@ -126,3 +126,17 @@ def test_first_token_frequencies_match_the_softmax(tiny_lm, opts):
     # Mean dof, sd sqrt(2 dof): 6 sd is loose enough never to flake, tight enough to catch a
     # biased sampler (e.g. float32 noise, a skipped log-softmax under temperature).
     assert stat < dof + 6 * math.sqrt(2 * dof), (stat, dof)
+
+
+@pytest.mark.parametrize("opts", [
+    GenerationOptions(), GenerationOptions(greedy=True),
+    GenerationOptions(top_p=0.5, temperature=0.7), GenerationOptions(num_beams=2),
+], ids=["default", "greedy", "top-p", "beams"])
+def test_resolve_config_fills_what_generate_fills(tiny_lm, opts):
+    """nlgen.sampling.resolve_config, without the model, equals generate()'s own resolution."""
+    from nlgen.generation import build_generation_config
+    from nlgen.sampling import resolve_config
+
+    config = build_generation_config(tiny_lm, opts)
+    expected, _ = tiny_lm.model._prepare_generation_config(config)
+    assert resolve_config(tiny_lm.model.generation_config, config).to_dict() == expected.to_dict()

@@ -1,0 +1,99 @@
+"""How a saved model's files become objects: transformers' ``from_pretrained`` (with nlgen's
+quantization), or nlgen.lean_llama's direct read of a Llama for one-prompt generation.
+
+nlgen.loading decides which; this module does it. torch and transformers are imported inside
+the functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nlgen import quantized
+from nlgen.errors import ModelError, first_line
+
+
+def quiet_transformers() -> None:
+    """transformers and the Hub print warnings and progress bars of their own; we own stderr."""
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def tokenizer(source: str, kwargs: dict[str, Any]) -> Any:
+    """The tokenizer; a plain tokenizers-backed one without AutoTokenizer's class lookup,
+    which imports transformers' model registry (~0.4 s)."""
+    try:
+        name = json.loads((Path(source) / "tokenizer_config.json").read_text(encoding="utf-8")
+                          ).get("tokenizer_class")
+    except (OSError, ValueError):
+        name = None
+    if name in ("TokenizersBackend", "PreTrainedTokenizerFast") and (
+            Path(source) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(source, **kwargs)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+def lean_weights(directory: Path, dtype: str, quantize: str,
+                  cache: Path | None) -> tuple[Any, str]:
+    """nlgen.lean_llama's weights for a saved Llama, int4 from the cache where ``quantize``
+    asks for it and the cache is there; (None, "none") when the usual load must do it (another
+    architecture, int8, or the int4 cache not made yet: the usual load makes it)."""
+    from nlgen import lean_llama
+
+    int4, kind = None, "none"
+    if quantize == "int8":
+        return None, "none"
+    if quantize in ("auto", "int4"):
+        found = quantized.load_cached(cache / quantized.CACHE_FILE) if cache else None
+        if found is None:
+            return None, "none"
+        if found[1] or quantize == "int4":  # exact 4-bit blocks, or asked for
+            int4, kind = found[0], "int4"
+    weights = lean_llama.from_files(directory, dtype, int4)
+    return (weights, kind) if weights is not None else (None, "none")
+
+
+def full_model(source: str, device: str, dtype: str, quantize: str, cache: Path | None,
+                kwargs: dict[str, Any]) -> tuple[Any, str]:
+    """transformers' model, quantized as asked, in eval mode on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    load_dtype = "float32" if quantize != "none" else dtype  # quantize from the float32 weights
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=getattr(torch, load_dtype), use_safetensors=True, **kwargs
+    )
+    if quantize != "none":
+        quantize = quantized.quantize_model(model, quantize, cache=cache)
+        # Cast to the compute dtype, but keep the RoPE frequencies in float32, as
+        # from_pretrained(dtype=...) does: cast, they would shift every position's angle.
+        rope = {name: b for name, b in model.named_buffers() if name.endswith("inv_freq")}
+        model.to(getattr(torch, dtype))
+        for name, buffer in rope.items():
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, buffer)
+    model.to(device)
+    model.eval()
+    return model, quantize
+
+
+def load_error(display: str, exc: BaseException) -> ModelError:
+    """A loading failure as one line, with a hint where the cause is known."""
+    hint = None
+    if "trust_remote_code" in str(exc):
+        hint = "this model runs code of its own; pass --trust-remote-code if you trust it"
+    elif type(exc).__name__ == "SafetensorError" or "header" in str(exc).lower():
+        hint = "the weights file is damaged or incomplete: copy or save the model again"
+    elif "safetensors" in str(exc):
+        hint = "nlgen loads only safetensors weights; convert the model with save_pretrained"
+    return ModelError(f"cannot load model {display!r}: {first_line(exc)}", hint=hint)
