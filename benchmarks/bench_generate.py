@@ -9,7 +9,12 @@ Measures, on the same machine in the same run:
      from process start to the first byte after the echoed prompt;
   4. single-prompt tokens/s: nlgen (dtype auto, and float32) against a plain `generate()` call
      on the same weights, same options, and against `llama-bench` tg128 at the same threads;
-  5. throughput for 32 prose prompts x 32 tokens: nlgen batched against nlgen one by one.
+  5. throughput for 32 prose prompts x 32 tokens: nlgen batched against nlgen one by one;
+  6. quality: the perplexity of a held-out prose text scored token by token through the
+     forward that decoding runs (dtype auto: int4 weights, bfloat16), against float32.
+
+With --before DIR (a checkout of an earlier nlgen, e.g. from `git worktree add`), rows 2 and 3
+also time that tree's `nlgen generate` process, and its own `-v` summary gives its tokens/s.
 
 All decoding is greedy with exactly --new-tokens new tokens (EOS ignored), so every side does
 the same amount of work. Runs are interleaved (A B C A B C ...) after one untimed warm-up round
@@ -23,6 +28,7 @@ ${NLGEN_BENCH_CACHE:-~/.cache/nlgen-bench}/bin, and skipped with a note when mis
 
     python benchmarks/bench_generate.py [--repeats 3] [--out benchmarks/results/generate.md]
     python benchmarks/bench_generate.py --quick     # smoke run: 1 repeat, 8 tokens, no file
+    python benchmarks/bench_generate.py --before ../nlgen-before   # with an earlier tree's rows
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Once upon a time"
 PROSE = ROOT / "examples" / "data" / "garden.txt"
+DRIFT_TOKENS = 4096  # at most this many tokens of held-out prose for the quality rows
 
 # The plain transformers way, as a user would write it: load the float32 safetensors copy that
 # nlgen converted from the GGUF file once (argv[1]), in argv[2]'s dtype, generate, print.
@@ -67,14 +74,15 @@ class Row:
     ratio: str
 
 
-def wall(cmd: list[str], env: dict) -> float:
+def wall(cmd: list[str], env: dict, cwd: str | None = None) -> float:
     started = time.perf_counter()
-    subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    subprocess.run(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=True)
     return time.perf_counter() - started
 
 
-def first_token(cmd: list[str], env: dict, prompt: str, timeout: float = 300) -> float:
+def first_token(cmd: list[str], env: dict, prompt: str, timeout: float = 300,
+                cwd: str | None = None) -> float:
     """Seconds from process start to the first byte of generated text on its stdout.
 
     Both nlgen and llama-completion echo the prompt before generating, and that echo comes only
@@ -86,8 +94,8 @@ def first_token(cmd: list[str], env: dict, prompt: str, timeout: float = 300) ->
     """
     target = prompt.encode()
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None
     fd, seen = proc.stdout.fileno(), b""
     try:
@@ -108,6 +116,55 @@ def first_token(cmd: list[str], env: dict, prompt: str, timeout: float = 300) ->
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def tree_label(path: str) -> str:
+    """``git describe`` of a checkout, for the row's name."""
+    try:
+        return subprocess.run(["git", "-C", path, "log", "-1", "--format=%h"], check=True,
+                              capture_output=True, text=True).stdout.strip() or path
+    except (OSError, subprocess.CalledProcessError):
+        return path
+
+
+def summary_tps(cmd: list[str], env: dict, cwd: str | None = None) -> float:
+    """tokens/s from an nlgen process's own `-v` summary line on stderr."""
+    res = subprocess.run(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, check=True)
+    found = re.findall(r"([\d.]+) tokens/s", res.stderr)
+    if not found:
+        raise RuntimeError(f"no tokens/s in the summary of {cmd}: {res.stderr[-300:]!r}")
+    return float(found[-1])
+
+
+HELD_OUT_NAME = "LICENSE"
+
+
+def held_out_prose() -> str:
+    """Real prose the model was not tuned on: the installed transformers' license text."""
+    import importlib.metadata
+
+    dist = importlib.metadata.distribution("transformers")
+    for f in dist.files or []:
+        if f.name == HELD_OUT_NAME or f.name.startswith("LICENSE"):
+            return Path(dist.locate_file(f)).read_text(encoding="utf-8")
+    raise RuntimeError("the installed transformers ships no LICENSE file")
+
+
+def stepwise_perplexity(lm, ids) -> float:
+    """exp(mean NLL) of ids[1:], each token scored by the one-token step decoding runs."""
+    import torch
+
+    from nlgen import decode
+
+    step = decode.stepper(lm, ids.shape[1])
+    nll = 0.0
+    with torch.inference_mode():
+        logits = step(ids[:, :1], 0)
+        for i in range(1, ids.shape[1]):
+            nll -= float(torch.log_softmax(logits, dim=-1)[0, ids[0, i]])
+            logits = step(ids[:, i:i + 1], i)
+    return float(torch.exp(torch.tensor(nll / (ids.shape[1] - 1))))
 
 
 def median(xs: list[float]) -> float:
@@ -153,6 +210,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for llama.cpp (default: torch's, which nlgen uses)")
+    parser.add_argument("--before", default=None,
+                        help="a checkout of an earlier nlgen to time beside this one")
     parser.add_argument("--out", default=None,
                         help="default benchmarks/results/generate.md (none with --quick)")
     parser.add_argument("--quick", action="store_true",
@@ -223,12 +282,21 @@ def main() -> None:
 
     if llama:
         procs["llama-completion"] = llama_completion(n)
-    for cmd in procs.values():  # warm-up: file cache, first-run work
-        wall(cmd, env)
+    # `python -m nlgen` imports the package from its working directory: the earlier tree's
+    # processes run in that tree (PYTHONPATH too, for anything they start).
+    cwds: dict[str, str | None] = {k: None for k in procs}
+    envs = {k: env for k in procs}
+    if args.before:
+        before = f"nlgen before ({tree_label(args.before)})"
+        procs[before] = procs["nlgen"]
+        cwds[before] = str(Path(args.before).resolve())
+        envs[before] = dict(env, PYTHONPATH=cwds[before])
+    for name, cmd in procs.items():  # warm-up: file cache, first-run work
+        wall(cmd, envs[name], cwds[name])
     times: dict[str, list[float]] = {k: [] for k in procs}
     for _ in range(reps):
         for name, cmd in procs.items():
-            times[name].append(wall(cmd, env))
+            times[name].append(wall(cmd, envs[name], cwds[name]))
     ours = median(times["nlgen"])
     what = f"new process, `generate -n {n}` (wall time)"
     for name in procs:
@@ -243,11 +311,18 @@ def main() -> None:
                            "-n", "16", "--min-new-tokens", "16", PROMPT]}
     if llama:
         ttft_cmds["llama-completion"] = llama_completion(16)
+    if args.before:
+        ttft_cmds[before] = ttft_cmds["nlgen"]
     first_token(ttft_cmds["nlgen"], env, PROMPT)  # warm-up
     ttft: dict[str, list[float]] = {k: [] for k in ttft_cmds}
     for _ in range(reps):
         for name, cmd in ttft_cmds.items():
-            ttft[name].append(first_token(cmd, env, PROMPT))
+            ttft[name].append(first_token(cmd, envs.get(name, env), PROMPT,
+                                          cwd=cwds.get(name)))
+    if args.before:
+        a, b = median(ttft["nlgen"]), median(ttft[before])
+        add(Row(f"first streamed token, from process start: nlgen vs {before}", f"{a:.2f} s",
+                f"{b:.2f} s", ratio(a, b, "time, nlgen / baseline")))
     if llama:
         a, b = median(ttft["nlgen"]), median(ttft["llama-completion"])
         add(Row("first streamed token, from process start: `nlgen generate --stream` vs "
@@ -304,6 +379,10 @@ def main() -> None:
         if llama:
             ts, llama_info = llama_tg()
             tps["llama"].append(ts)
+    if args.before:  # the earlier tree's own summary line, in a process of its own each time
+        for _ in range(reps):
+            tps.setdefault("before", []).append(
+                summary_tps(procs[before] + ["-v"], envs[before], cwds[before]))
     what = f"single prompt, {n} tokens"
     auto, f32 = median(tps["auto"]), median(tps["float32"])
     rows_tps = [(f"nlgen dtype auto ({auto_label}) vs plain transformers float32", auto,
@@ -315,6 +394,8 @@ def main() -> None:
         rows_tps.append((f"nlgen dtype auto vs plain transformers {auto_lm.dtype}", auto,
                          f"plain {auto_lm.dtype}"))
     rows_tps.append(("nlgen float32 vs plain transformers float32", f32, "plain float32"))
+    if args.before:
+        rows_tps.append((f"nlgen dtype auto vs {before} (its `-v` summary)", auto, "before"))
     for label, speed, key in rows_tps:
         base = median(tps[key])
         add(Row(f"{what}: {label}", f"{speed:.1f} tok/s", f"{base:.1f} tok/s",
@@ -328,9 +409,9 @@ def main() -> None:
         notes.append(f"llama.cpp build {llama_info.get('build_commit', '?')} "
                      f"({llama_info.get('build_number', '?')}) from {llama}; llama.cpp runs the "
                      "GGUF's quantized weights as they are; nlgen's dtype auto runs its 4-bit "
-                     "blocks too (int4 kernels, bfloat16 arithmetic, the Q8_0 LM head as int8 "
-                     "rows); the plain scripts run the float32 copy dequantized from them (or "
-                     "bfloat16). tg counts decode only, "
+                     "blocks too (torch's int4 kernel, bfloat16 arithmetic; the Q8_0 LM head "
+                     "dequantized to bfloat16); the plain scripts run the float32 copy "
+                     "dequantized from them (or bfloat16). tg counts decode only, "
                      "from an empty context; the nlgen rows time the whole generate() call "
                      "(prompt included).")
     del plain, unquantized
@@ -354,11 +435,31 @@ def main() -> None:
             f"{median(single):.1f} tok/s",
             ratio(median(batched), median(single), "speed, batched / one by one")))
 
+    # 6. quality of what decoding computes: held-out prose scored one token per step
+    if auto_lm.quantization != "none" or auto_lm.dtype != "float32":
+        text = held_out_prose()
+        ids = f32_lm.tokenizer(text, return_tensors="pt")["input_ids"][:, :DRIFT_TOKENS]
+        ref = stepwise_perplexity(f32_lm, ids)
+        sides = [(f"dtype auto ({auto_label})", auto_lm)]
+        if auto_lm.quantization != "none":
+            sides.append((f"--quantize none ({auto_lm.dtype})",
+                          loading.load_model("builtin", device="cpu", quantize="none")))
+        for label, lm in sides:
+            ppl = stepwise_perplexity(lm, ids)
+            add(Row(f"perplexity of {ids.shape[1]} tokens of held-out prose, one decoding step "
+                    f"per token: nlgen {label} vs nlgen float32", f"{ppl:.4f}", f"{ref:.4f}",
+                    f"{100 * (ppl / ref - 1):+.2f}% (drift)"))
+        notes.append(f"held-out prose for the drift rows: {HELD_OUT_NAME} of the installed "
+                     f"transformers (Apache-2.0 text), {ids.shape[1]} tokens (the whole text "
+                     f"up to {DRIFT_TOKENS}), each scored by one decoding step after the ones "
+                     "before it.")
+
     load_end = load_average()
     print(f"load at end: {load_end}", file=sys.stderr, flush=True)
     cpu = platform.processor() or platform.machine()
     command = "python benchmarks/bench_generate.py " + (
-        "--quick" if args.quick else f"--repeats {reps}")
+        "--quick" if args.quick else f"--repeats {reps}") + (
+        f" --before {args.before}" if args.before else "")
     lines = [
         f"Command: `{command}`",
         "",
