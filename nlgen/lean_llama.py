@@ -99,13 +99,17 @@ def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None) -> Weig
     config = SimpleNamespace(**raw)
     with safe_open(str(weights_file), framework="pt") as f:
         tensors = {k: f.get_tensor(k).to(getattr(torch, dtype)) for k in f.keys()}
-    int4_class, _ = quantized._classes()
 
-    def linear(name: str) -> Any:
-        weight = tensors[f"{name}.weight"]
-        if int4 is not None and f"{name}.codes" in int4:
-            blocks = {k: int4[f"{name}.{k}"] for k in ("codes", "scale", "low")}
-            return int4_class(blocks, weight)
+    quantized_parts: dict[str, dict[str, Any]] = {}  # layer name -> its quantized tensors
+    for key, value in (int4 or {}).items():
+        layer, _, part = key.rpartition(".")
+        quantized_parts.setdefault(layer, {})[part] = value
+
+    def linear(name: str, weight_name: str | None = None) -> Any:
+        """Layer ``name``: its quantized module where the int4 state has it, else dense."""
+        weight = tensors[f"{weight_name or name}.weight"]
+        if name in quantized_parts:
+            return quantized.module_for(quantized_parts[name], weight)
         module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         module.weight = torch.nn.Parameter(weight, requires_grad=False)
         return module
@@ -118,7 +122,7 @@ def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None) -> Weig
             *(linear(p + "self_attn." + n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
             *(linear(p + "mlp." + n) for n in ("gate_proj", "up_proj", "down_proj"))))
     tied = raw.get("tie_word_embeddings", True) or "lm_head.weight" not in tensors
-    head = linear("model.embed_tokens" if tied else "lm_head")
+    head = linear("lm_head", "model.embed_tokens" if tied else None)
     rope = raw.get("rope_parameters") or {}
     base = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

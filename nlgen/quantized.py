@@ -34,7 +34,9 @@ log = logging.getLogger("nlgen")
 
 GROUP = 32  # int4 block size, as GGUF's Q4_0 / Q4_1
 KINDS = ("auto", "none", "int4", "int8")
-FORMAT = "nlgen-quantized-2"  # the cache file's format (2: no LM head); another is recomputed
+# The cache file's format (3: the LM head as 8-bit blocks when it is on them); another is
+# recomputed.
+FORMAT = "nlgen-quantized-3"
 CACHE_FILE = "quantized-int4.safetensors"  # next to the converted float32 copy
 # From this many rows (prompt tokens in a prefill, prompts in a batch) the dense bfloat16
 # product is faster than the int4 kernel (M=16: 188 vs 174 us, M=32: 309 vs 351 us for a
@@ -112,6 +114,34 @@ def int4_blocks(weight: Any) -> dict[str, Any]:
             "low": low.contiguous(), "exact": exact}
 
 
+def int8_blocks(weight: Any) -> dict[str, Any]:
+    """(N, K) float weight -> 8-bit blocks of GROUP (GGUF Q8_0: d * q, q in -127..127) held as
+    two int4 block sets that add up to it, and ``exact``: whether it was on that grid.
+
+    With u = q + 128 = 16 * hi + lo (hi, lo in 0..15): d * q = 16d * hi - 128d + d * lo. Both
+    halves are int4 blocks (``high``: scale 16d, low -128d; ``low``: scale d, low 0), and with d
+    rounded to bfloat16 their scales and zeros are exact in bfloat16 too: the only rounding is
+    d's (float16 in the file), as for the int4 layers.
+    """
+    import torch
+
+    n, k = weight.shape
+    blocks = weight.detach().float().reshape(n, k // GROUP, GROUP)  # (N, K/G, G)
+    d = blocks.abs().amax(dim=-1) / 127  # (N, K/G): Q8_0 puts the largest value at +-127
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.round(blocks / safe[..., None]).clamp_(-128, 127)
+    error = (q * d[..., None] - blocks).abs().amax(dim=-1)
+    exact = bool((error <= 1e-3 * safe).all())
+    u = (q + 128).to(torch.uint8).reshape(n, k)
+    d = d.to(torch.bfloat16).float()
+    out: dict[str, Any] = {"exact": exact}
+    for half, nibble, scale, low in (("high", u >> 4, 16 * d, -128 * d),
+                                     ("low", u & 15, d, torch.zeros_like(d))):
+        out[f"{half}_codes"] = (nibble[:, 0::2] | (nibble[:, 1::2] << 4)).contiguous()
+        out[f"{half}_scale"], out[f"{half}_low"] = scale.contiguous(), low.contiguous()
+    return out
+
+
 def int8_rows(weight: Any) -> dict[str, Any]:
     """(N, K) float weight -> int8 (N, K) and one float32 scale per row (N,)."""
     import torch
@@ -126,8 +156,9 @@ def int8_rows(weight: Any) -> dict[str, Any]:
 
 
 @functools.cache
-def _classes() -> tuple[type, type]:
-    """The two module classes, made on first use so that importing this module imports no torch."""
+def _classes() -> tuple[type, type, type]:
+    """The module classes (int4, int8, 8-bit blocks), made on first use so that importing this
+    module imports no torch."""
     import torch
 
     class QuantizedLinear(torch.nn.Module):
@@ -147,23 +178,46 @@ def _classes() -> tuple[type, type]:
             y = self.product(rows).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
 
+    def pack_int4(blocks: dict[str, Any], rows: int) -> tuple[Any, Any]:
+        """int4 blocks -> the CPU kernel's packed codes and its (K/G, N, 2) scales and zeros."""
+        codes = blocks["codes"]  # (N, K/2)
+        q = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(rows, -1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        # The kernel computes (q - 8) * scale + zero, so zero = low + 8 * scale.
+        scale, low = blocks["scale"], blocks["low"]  # (N, K/G)
+        return packed, torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(
+            torch.bfloat16).contiguous()
+
     class Int4Linear(QuantizedLinear):
         """W in int4 blocks of GROUP (torch's CPU int4pack kernel)."""
 
         def __init__(self, blocks: dict[str, Any], dense: Any, bias: Any = None) -> None:
             super().__init__(dense, bias)
-            codes = blocks["codes"]  # (N, K/2)
-            q = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(self.out_features, -1)
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                q.to(torch.int32), 1))
-            # The kernel computes (q - 8) * scale + zero, so zero = low + 8 * scale.
-            scale, low = blocks["scale"], blocks["low"]  # (N, K/G)
-            self.register_buffer("scales_zeros", torch.stack(
-                [scale.t(), (low + 8 * scale).t()], dim=-1).to(torch.bfloat16).contiguous())
+            packed, scales_zeros = pack_int4(blocks, self.out_features)
+            self.register_buffer("packed", packed)
+            self.register_buffer("scales_zeros", scales_zeros)
 
         def product(self, rows: Any) -> Any:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP,
                                                               self.scales_zeros)
+
+    class Int8BlocksLinear(QuantizedLinear):
+        """W in 8-bit blocks of GROUP (GGUF's Q8_0: d * q), as two int4 products: the high and
+        the low nibble of q + 128 (see :func:`int8_blocks`)."""
+
+        def __init__(self, parts: dict[str, Any], dense: Any, bias: Any = None) -> None:
+            super().__init__(dense, bias)
+            for half in ("high", "low"):
+                packed, scales_zeros = pack_int4(
+                    {k: parts[f"{half}_{k}"] for k in ("codes", "scale", "low")},
+                    self.out_features)
+                self.register_buffer(f"{half}_packed", packed)
+                self.register_buffer(f"{half}_scales_zeros", scales_zeros)
+
+        def product(self, rows: Any) -> Any:
+            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+            return (mm(rows, self.high_packed, GROUP, self.high_scales_zeros)
+                    + mm(rows, self.low_packed, GROUP, self.low_scales_zeros))
 
     class Int8Linear(QuantizedLinear):
         """W in int8, one scale per output row."""
@@ -176,7 +230,7 @@ def _classes() -> tuple[type, type]:
         def product(self, rows: Any) -> Any:
             return torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
 
-    return Int4Linear, Int8Linear
+    return Int4Linear, Int8Linear, Int8BlocksLinear
 
 
 def fuse(layers: list[Any]) -> Any:
@@ -187,7 +241,7 @@ def fuse(layers: list[Any]) -> Any:
     scales concatenate exactly, and the outputs are the layers' own, side by side."""
     import torch
 
-    int4, int8 = _classes()
+    int4, int8, _ = _classes()
     kinds = {type(layer) for layer in layers}
     if len(kinds) != 1 or kinds & {int4, int8} == set() or any(
             layer.bias is not None for layer in layers):
@@ -230,12 +284,19 @@ def quantize_state(model: Any, kind: str) -> tuple[dict[str, Any], bool]:
     """Quantized tensors for the layers of ``linear_names``, from the model's current weights
     (float32 for exactness), and whether the int4 layers were exact.
 
-    int4 leaves the LM head in bfloat16: the built-in model's head is GGUF Q8_0 (8-bit blocks),
-    which int4 cannot hold, and int8 rows of it flipped the greedy answer of a chat prompt whose
-    two best first tokens are 0.08 nats apart in float32 (notes/speed.md). int8 takes it too.
+    int4 keeps an LM head that sits exactly on 8-bit blocks (the built-in model's is GGUF Q8_0)
+    as those blocks (:func:`int8_blocks`), and leaves any other head in bfloat16: int8 rows of
+    the Q8_0 head flipped the greedy answer of a chat prompt whose two best first tokens are
+    0.08 nats apart in float32. int8 takes every head.
     """
     state: dict[str, Any] = {}
     exact = True
+    out = model.get_output_embeddings()
+    head = next((name for name, module in model.named_modules() if module is out), None)
+    if kind == "int4" and head in linear_names(model):
+        parts = int8_blocks(out.weight)
+        if parts.pop("exact"):
+            state.update({f"{head}.{key}": value for key, value in parts.items()})
     for name in linear_names(model, head=kind == "int8"):
         weight = model.get_submodule(name).weight
         if kind == "int8":
@@ -247,14 +308,20 @@ def quantize_state(model: Any, kind: str) -> tuple[dict[str, Any], bool]:
     return state, exact
 
 
+def module_for(parts: dict[str, Any], dense: Any, bias: Any = None) -> Any:
+    """The quantized module for one layer's tensors (their names say which kind)."""
+    int4, int8, blocks8 = _classes()
+    kind = int8 if "int8" in parts else blocks8 if "high_codes" in parts else int4
+    return kind(parts, dense, bias)
+
+
 def apply(model: Any, state: dict[str, Any]) -> int:
     """Replace each Linear named in ``state`` by its quantized module; return how many."""
-    int4, int8 = _classes()
     names = sorted({key.rsplit(".", 1)[0] for key in state})
     for name in names:
         old = model.get_submodule(name)
         parts = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.rsplit(".", 1)[0] == name}
-        new = (int8 if "int8" in parts else int4)(parts, old.weight, old.bias)
+        new = module_for(parts, old.weight, old.bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     return len(names)

@@ -86,7 +86,7 @@ def test_int4_fused_products_equal_the_separate_ones_and_greedy_tokens_match(tin
     expected = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], dim=-1)
     assert torch.equal(fused(x), expected)
     # int4: put the tiny model's weights on a Q4 grid, quantize them, compare both loops.
-    int4, int8 = quantized._classes()
+    int4, int8, _ = quantized._classes()
     names = [n for n, m in lm.model.named_modules() if isinstance(m, int8) and "lm_head" not in n]
     assert len(names) == 2 * 7  # every Linear of the 2 layers
     for name in names:

@@ -29,7 +29,7 @@ def test_int4_blocks_find_a_q4_grid_exactly_and_the_kernel_computes_it():
     blocks = quantized.int4_blocks(weight)
     assert blocks["exact"] and blocks["codes"].shape == (96, 32)
     assert not quantized.int4_blocks(torch.randn(96, 64))["exact"]
-    int4, _ = quantized._classes()
+    int4, _, _ = quantized._classes()
     x = torch.randn(3, 5, 64)
     layer = int4(blocks, weight.bfloat16())
     got = layer(x.bfloat16()).float()  # (3, 5, 96): 15 rows, the int4 kernel
@@ -37,6 +37,40 @@ def test_int4_blocks_find_a_q4_grid_exactly_and_the_kernel_computes_it():
     assert (got - expected).abs().max() < 0.01 * expected.abs().max()
     many = torch.randn(quantized.DENSE_FROM, 64).bfloat16()  # enough rows: the dense product
     assert torch.equal(layer(many), torch.nn.functional.linear(many, weight.bfloat16()))
+
+
+def _on_q8_grid(weight):
+    """Put a weight on GGUF Q8_0's grid: per block of 32, d * q with q in -127..127."""
+    import torch
+
+    n, k = weight.shape
+    blocks = weight.detach().float().reshape(n, k // 32, 32)
+    d = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()  # float16 in the file
+    return (d * torch.round(blocks / d).clamp(-127, 127)).reshape(n, k)
+
+
+def test_int8_blocks_hold_a_q8_grid_as_two_int4_halves():
+    import torch
+
+    torch.manual_seed(0)
+    weight = _on_q8_grid(torch.randn(128, 64))
+    parts = quantized.int8_blocks(weight)
+    assert parts.pop("exact") and not quantized.int8_blocks(torch.randn(128, 64))["exact"]
+    layer = quantized.module_for(parts, weight.bfloat16())
+    x = torch.randn(3, 64).bfloat16()
+    expected = x.float() @ weight.T  # exact weights, the same bfloat16 input
+    got = layer(x).float()  # 3 rows: the two int4 products
+    # Only the scales' bfloat16 rounding (2^-9) and the outputs' bfloat16 rounding remain.
+    assert (got - expected).abs().max() < 0.01 * expected.abs().max()
+    # The halves rebuild the weight: high 16d * hi - 128d plus low d * lo.
+    def rebuild(half):
+        codes = parts[f"{half}_codes"]
+        q = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(128, 64).float()
+        scale = parts[f"{half}_scale"].repeat_interleave(32, dim=1)
+        return q * scale + parts[f"{half}_low"].repeat_interleave(32, dim=1)
+    d = (weight.reshape(128, 2, 32).abs().amax(-1) / 127)
+    rounding = (d - d.bfloat16().float()).abs().max() * 128  # |q| <= 128 times d's rounding
+    assert (rebuild("high") + rebuild("low") - weight).abs().max() <= rounding + 1e-6
 
 
 def test_int8_rows_round_trip():
@@ -47,7 +81,7 @@ def test_int8_rows_round_trip():
     rows = quantized.int8_rows(weight)
     rebuilt = rows["int8"].float() * rows["scale"][:, None]
     assert (rebuilt - weight).abs().max() <= rows["scale"].max() / 2 + 1e-6
-    _, int8 = quantized._classes()
+    _, int8, _ = quantized._classes()
     x = torch.randn(2, 64)
     expected = x.bfloat16().float() @ weight.T
     got = int8(rows, weight.bfloat16())(x.bfloat16()).float()
@@ -58,9 +92,10 @@ def _tiny_llama_on_grid(path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path)
-    for name in quantized.linear_names(model)[:-1]:  # the LM head: not quantized by int4
+    for name in quantized.linear_names(model)[:-1]:  # the LM head: 8-bit blocks, as GGUF's
         linear = model.get_submodule(name)
         linear.weight.data = _on_q4_grid(linear.weight)
+    model.get_output_embeddings().weight.data = _on_q8_grid(model.get_output_embeddings().weight)
     return model
 
 
@@ -73,6 +108,7 @@ def test_auto_quantizes_4bit_weights_and_caches_them(tiny_llama, tmp_path, monke
         reference = model(ids).logits
     assert quantized.quantize_model(model, "auto", cache=tmp_path) == "int4"
     assert (tmp_path / quantized.CACHE_FILE).is_file()
+    assert type(model.get_output_embeddings()).__name__ == "Int8BlocksLinear"  # the Q8_0 head
     model.to(torch.bfloat16)
     with torch.inference_mode():
         logits = model(ids).logits.float()
