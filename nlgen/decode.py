@@ -4,14 +4,15 @@
 bookkeeping, stopping criteria, a logits processor list whose top-p warper sorts the whole
 49k vocabulary at every step). For the common case, one prompt and one sequence with plain
 sampling or greedy decoding, this loop does the same arithmetic with less around it: the same
-forward call (same cache, same mask, ``logits_to_keep=1``), float32 logits, the same processors
-for the penalties, and top-k / top-p computed on the k candidates instead of the vocabulary.
+forward (nlgen.lean_llama's for a Llama; else the model's own, with a DynamicCache and
+``logits_to_keep=1``), float32 logits, the same processors for the penalties, and top-k / top-p
+computed on the k candidates instead of the vocabulary.
 
 Greedy decoding gives the same tokens as ``generate()`` (tests/test_decode.py). Sampling draws
 from the same distribution, but not the same tokens for a given torch seed (the multinomial
 runs over k candidates, not the vocabulary), so seeded runs keep ``generate()``; so does every
 configuration this loop does not know (:func:`runner` decides, from the resolved config).
-Measurements: notes/speed.md.
+Measurements: benchmarks/bench_generate.py, README "Benchmarks".
 
 torch and transformers are imported inside the functions that use them.
 """

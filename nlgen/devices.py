@@ -117,8 +117,8 @@ def spare_threads(since: tuple[float, float, float] | None, threads: int) -> int
 
     torch's CPU kernels split each operation over all their threads and wait for the last one.
     When other processes keep some cores busy, a thread left waiting for a core stalls every
-    operation: measured on the 2-core machines while others ran tests, decoding fell from
-    ~50 to ~0.5 tokens/s with 2 threads, and ran at ~35 with one (notes/speed.md). So leave
+    operation: on the 2-core machine with one busy-loop process holding a core, decoding ran at
+    ~20 tokens/s with 2 threads and ~48 with one (README, "Design notes"). So leave
     the cores that others used (in the window, averaged) to them; never fewer than one thread.
     OMP_NUM_THREADS, when set, is the user's choice and kept.
     """

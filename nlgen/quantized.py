@@ -1,16 +1,18 @@
 """Weight-only quantization for generating on the CPU: int4 in blocks of 32, int8 per row.
 
-Decoding one token reads every weight once, and on a small CPU that memory traffic is the cost
-(notes/speed.md): SmolLM2-135M decodes at ~16 tokens/s in float32 (540 MB a token), ~24 in
-bfloat16 (270 MB), ~50 with int4 blocks (~70 MB, the LM head left in bfloat16). The
-matrix products run in torch's own CPU kernels (``_weight_int4pack_mm_for_cpu``,
+Decoding one token reads every weight once, and on a small CPU that memory traffic is much of
+the cost: SmolLM2-135M's weights are 540 MB in float32, 270 MB in bfloat16, ~100 MB as its
+GGUF's int4 blocks and 8-bit LM head (README, "Benchmarks", for the speeds). The matrix
+products run in torch's own CPU kernels (``_weight_int4pack_mm_for_cpu``,
 ``_weight_int8pack_mm``) on bfloat16 activations.
 
 int4: each row of a Linear weight is cut into blocks of 32 and stored as ``low + scale * q``
 with q in 0..15 (the layout of GGUF's Q4_1). The built-in model's weights come from a Q4_1 file,
 so quantizing its float32 copy recovers the file's own q, scale and low exactly (``exact``): the
 model that runs is the GGUF's, and the only drift from float32 comes from bfloat16 activations
-and scales rounded to bfloat16 (+0.05% perplexity on a held-out text). Other models lose more.
+and scales rounded to bfloat16 (measured: README, "Benchmarks"). Other models lose more. An LM
+head on GGUF Q8_0's grid (8-bit blocks) is kept as those blocks, as two int4 products
+(:func:`int8_blocks`); any other stays bfloat16 under int4.
 int8 (on request): one scale per output row (symmetric) for every Linear, the LM head included.
 Each layer keeps its dense bfloat16 weight too, for prompts and batches of DENSE_FROM rows or
 more, where the dense product is the faster one (so batch throughput and prefill are those of

@@ -118,8 +118,8 @@ _exit_fast = False
 def exit_fast_when_done() -> None:
     """Let ``main`` end the process without Python's teardown once the command has finished.
 
-    Clearing the modules of torch and transformers at exit takes ~0.9 s on the 2-core
-    machines (notes/speed.md), which is a tenth of a `generate -n 128` process. A command that
+    Clearing the modules of torch and transformers at exit took ~0.5 s of an 8-token
+    `generate` process on the 2-core machine (README, "Design notes"). A command that
     writes its files atomically before returning and holds nothing else to clean up (no
     training run, no process group) has nothing for that teardown to do.
     """
