@@ -117,6 +117,12 @@ def test_builtin_default_load_runs_int4_and_the_lean_forward_gives_its_greedy_te
     assert lm.quantization == "int4" and lean_llama.supports(lm.model)
     prompt = "The history of the printing press"
     assert _greedy(lm, prompt, 48, lean=True) == _greedy(lm, prompt, 48, lean=False)
+    # A small batch runs transformers' generate() on the same int4 layers and 8-bit head.
+    from nlgen.generation import generate
+
+    batch = list(generate(lm, [prompt, "Once upon a time", "A"],
+                          GenerationOptions(greedy=True, max_new_tokens=6, min_new_tokens=6)))
+    assert [r.completion_tokens for r in batch] == [6, 6, 6]
 
 
 def test_a_saved_llama_loads_lean_and_builds_transformers_model_only_when_asked(tiny_llama):

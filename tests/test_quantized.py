@@ -113,6 +113,9 @@ def test_auto_quantizes_4bit_weights_and_caches_them(tiny_llama, tmp_path, monke
     with torch.inference_mode():
         logits = model(ids).logits.float()
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.75
+    with torch.inference_mode():  # a batch's last positions: a strided slice for the LM head
+        last = model(torch.tensor([[5, 9, 2, 7], [1, 2, 3, 4]]), logits_to_keep=1).logits
+    assert torch.equal(last[:1].float(), logits[:, -1:])
     # A second load reads the cache: the same modules without computing anything again.
     monkeypatch.setattr(quantized, "quantize_state", lambda *a: pytest.fail("not cached"))
     again = _tiny_llama_on_grid(tiny_llama)
