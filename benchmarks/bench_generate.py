@@ -9,12 +9,13 @@ Measures, on the same machine in the same run:
      from process start to the first byte after the echoed prompt;
   4. single-prompt tokens/s: nlgen (dtype auto, and float32) against a plain `generate()` call
      on the same weights, same options, and against `llama-bench` tg128 at the same threads;
-  5. throughput for 32 prose prompts x 32 tokens: nlgen batched against nlgen one by one;
+  5. throughput for 32 prose prompts x 32 tokens: `generate -f` batched against one by one,
+     from each process's own `-v` summary (generation time, loading excluded);
   6. quality: the perplexity of a held-out prose text scored token by token through the
      forward that decoding runs (dtype auto: int4 weights, bfloat16), against float32.
 
-With --before DIR (a checkout of an earlier nlgen, e.g. from `git worktree add`), rows 2 and 3
-also time that tree's `nlgen generate` process, and its own `-v` summary gives its tokens/s.
+With --before DIR (a checkout of an earlier nlgen, e.g. from `git worktree add`), rows 2, 3 and
+5 also run that tree's `nlgen generate` processes, and its own `-v` summary gives its tokens/s.
 
 All decoding is greedy with exactly --new-tokens new tokens (EOS ignored), so every side does
 the same amount of work. Runs are interleaved (A B C A B C ...) after one untimed warm-up round
@@ -410,30 +411,41 @@ def main() -> None:
                      f"({llama_info.get('build_number', '?')}) from {llama}; llama.cpp runs the "
                      "GGUF's quantized weights as they are; nlgen's dtype auto runs its 4-bit "
                      "blocks too (torch's int4 kernel, bfloat16 arithmetic; the Q8_0 LM head "
-                     "dequantized to bfloat16); the plain scripts run the float32 copy "
+                     "as its 8-bit blocks, two int4 products); the plain scripts run the float32 "
+                     "copy "
                      "dequantized from them (or bfloat16). tg counts decode only, "
                      "from an empty context; the nlgen rows time the whole generate() call "
                      "(prompt included).")
     del plain, unquantized
 
-    # 5. prose prompts: batched vs one by one (nlgen, dtype auto)
+    # 5. prose prompts: batched vs one by one, each a `generate -f` process whose own `-v`
+    # summary gives its tokens/s (generation time only: loading is in rows 2 and 3)
     prompts = prose_prompts(n_prompts)
-
-    def throughput(batch_size: int) -> float:
-        o = GenerationOptions(greedy=True, max_new_tokens=batch_tokens,
-                              min_new_tokens=batch_tokens, batch_size=batch_size)
-        started = time.perf_counter()
-        tokens = sum(r.completion_tokens for r in generate(auto_lm, prompts, o))
-        return tokens / (time.perf_counter() - started)
-
-    batched, single = [], []
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("\n".join(prompts) + "\n")
+        prompts_path = f.name
+    trees = {"nlgen": "nlgen"} | ({before: before} if args.before else {})
+    rates: dict[tuple[str, int], list[float]] = {}
     for _ in range(max(1, reps - 1)):
-        batched.append(throughput(n_prompts))
-        single.append(throughput(1))
-    add(Row(f"{n_prompts} prose prompts x {batch_tokens} tokens: batch {n_prompts} vs one by "
-            f"one (nlgen, {auto_label})", f"{median(batched):.1f} tok/s",
-            f"{median(single):.1f} tok/s",
-            ratio(median(batched), median(single), "speed, batched / one by one")))
+        for tree in trees:
+            for size in (n_prompts, 1):
+                cmd = [*nlgen, "generate", "--model", "builtin", "-f", prompts_path, "--greedy",
+                       "-n", str(batch_tokens), "--min-new-tokens", str(batch_tokens),
+                       "--batch-size", str(size), "-v"]
+                rates.setdefault((tree, size), []).append(
+                    summary_tps(cmd, envs[tree], cwds[tree]))
+    os.unlink(prompts_path)
+    what = f"{n_prompts} prose prompts x {batch_tokens} tokens"
+    for tree in trees:
+        fast, slow = median(rates[(tree, n_prompts)]), median(rates[(tree, 1)])
+        label = f"nlgen, {auto_label}" if tree == "nlgen" else tree
+        add(Row(f"{what}: batch {n_prompts} vs one by one ({label})", f"{fast:.1f} tok/s",
+                f"{slow:.1f} tok/s", ratio(fast, slow, "speed, batched / one by one")))
+    if args.before:
+        for size, how in ((n_prompts, f"batch {n_prompts}"), (1, "one by one")):
+            a, b = median(rates[("nlgen", size)]), median(rates[(before, size)])
+            add(Row(f"{what}, {how}: nlgen vs {before}", f"{a:.1f} tok/s", f"{b:.1f} tok/s",
+                    ratio(a, b, "speed, nlgen / baseline")))
 
     # 6. quality of what decoding computes: held-out prose scored one token per step
     if auto_lm.quantization != "none" or auto_lm.dtype != "float32":
