@@ -36,9 +36,9 @@ log = logging.getLogger("nlgen")
 
 GROUP = 32  # int4 block size, as GGUF's Q4_0 / Q4_1
 KINDS = ("auto", "none", "int4", "int8")
-# The cache file's format (3: the LM head as 8-bit blocks when it is on them); another is
-# recomputed.
-FORMAT = "nlgen-quantized-3"
+# The cache file's format (4: int4 blocks packed for torch's kernel; 3: the LM head as 8-bit
+# blocks when it is on them); another format, or another torch version, is recomputed.
+FORMAT = "nlgen-quantized-4"
 CACHE_FILE = "quantized-int4.safetensors"  # next to the converted float32 copy
 # From this many rows (prompt tokens in a prefill, prompts in a batch) the dense bfloat16
 # product is faster than the int4 kernel (M=16: 188 vs 174 us, M=32: 309 vs 351 us for a
@@ -82,7 +82,8 @@ def quantize_model(model: Any, kind: str, *, cache: Path | None = None) -> str:
     path = cache / CACHE_FILE if cache is not None and kind in ("auto", "int4") else None
     found = load_cached(path) if path is not None else None
     if found is None:
-        found = quantize_state(model, "int8" if kind == "int8" else "int4")
+        state, exact = quantize_state(model, "int8" if kind == "int8" else "int4")
+        found = packed_state(state), exact
         if path is not None:
             save_cached(path, *found)
     state, exact = found
@@ -157,6 +158,42 @@ def int8_rows(weight: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- modules
 
 
+def pack_int4(blocks: dict[str, Any]) -> tuple[Any, Any]:
+    """int4 blocks -> the CPU kernel's packed codes (N, K/2) and its (K/G, N, 2) scales and
+    zeros; blocks read from the cache are packed already (``packed``, ``scales_zeros``)."""
+    import torch
+
+    if "packed" in blocks:
+        return blocks["packed"], blocks["scales_zeros"]
+    codes = blocks["codes"]  # (N, K/2)
+    q = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    # The kernel computes (q - 8) * scale + zero, so zero = low + 8 * scale.
+    scale, low = blocks["scale"], blocks["low"]  # (N, K/G)
+    return packed, torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(
+        torch.bfloat16).contiguous()
+
+
+def packed_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its int4 blocks in the kernel's packed form, as the cache keeps them:
+    packing 200 layers at every start cost ~0.3 s of the built-in model's load."""
+    layers: dict[str, dict[str, Any]] = {}
+    for key, value in state.items():
+        name, _, part = key.rpartition(".")
+        layers.setdefault(name, {})[part] = value
+    out: dict[str, Any] = {}
+    for name, parts in layers.items():
+        if "int8" in parts:  # int8 rows: no packing
+            out.update({f"{name}.{part}": value for part, value in parts.items()})
+            continue
+        for prefix in ("", "high_", "low_"):  # int4 blocks; the two halves of 8-bit blocks
+            if f"{prefix}codes" in parts:
+                blocks = {k: parts[prefix + k] for k in ("codes", "scale", "low")}
+                out[f"{name}.{prefix}packed"], out[f"{name}.{prefix}scales_zeros"] = \
+                    pack_int4(blocks)
+    return out
+
+
 @functools.cache
 def _classes() -> tuple[type, type, type]:
     """The module classes (int4, int8, 8-bit blocks), made on first use so that importing this
@@ -185,22 +222,12 @@ def _classes() -> tuple[type, type, type]:
                 y = y if self.bias is None else y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features)
 
-    def pack_int4(blocks: dict[str, Any], rows: int) -> tuple[Any, Any]:
-        """int4 blocks -> the CPU kernel's packed codes and its (K/G, N, 2) scales and zeros."""
-        codes = blocks["codes"]  # (N, K/2)
-        q = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(rows, -1)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        # The kernel computes (q - 8) * scale + zero, so zero = low + 8 * scale.
-        scale, low = blocks["scale"], blocks["low"]  # (N, K/G)
-        return packed, torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(
-            torch.bfloat16).contiguous()
-
     class Int4Linear(QuantizedLinear):
         """W in int4 blocks of GROUP (torch's CPU int4pack kernel)."""
 
         def __init__(self, blocks: dict[str, Any], dense: Any, bias: Any = None) -> None:
             super().__init__(dense, bias)
-            packed, scales_zeros = pack_int4(blocks, self.out_features)
+            packed, scales_zeros = pack_int4(blocks)
             self.register_buffer("packed", packed)
             self.register_buffer("scales_zeros", scales_zeros)
 
@@ -216,8 +243,7 @@ def _classes() -> tuple[type, type, type]:
             super().__init__(dense, bias)
             for half in ("high", "low"):
                 packed, scales_zeros = pack_int4(
-                    {k: parts[f"{half}_{k}"] for k in ("codes", "scale", "low")},
-                    self.out_features)
+                    {k[len(half) + 1:]: v for k, v in parts.items() if k.startswith(half + "_")})
                 self.register_buffer(f"{half}_packed", packed)
                 self.register_buffer(f"{half}_scales_zeros", scales_zeros)
 
@@ -319,7 +345,8 @@ def quantize_state(model: Any, kind: str) -> tuple[dict[str, Any], bool]:
 def module_for(parts: dict[str, Any], dense: Any, bias: Any = None) -> Any:
     """The quantized module for one layer's tensors (their names say which kind)."""
     int4, int8, blocks8 = _classes()
-    kind = int8 if "int8" in parts else blocks8 if "high_codes" in parts else int4
+    kind = int8 if "int8" in parts else blocks8 if {"high_codes", "high_packed"} & set(parts) \
+        else int4
     return kind(parts, dense, bias)
 
 
@@ -345,14 +372,20 @@ def load_cached(path: Path) -> tuple[dict[str, Any], bool] | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                return None
+            if meta.get("format") != FORMAT or meta.get("torch") != _torch_version():
+                return None  # the packed layout is torch's own: another version repacks
             # clone(): torch's allocator aligns to 64 bytes; a tensor read from the file may
             # not be aligned, and the int8 kernel crashes on one that is not.
             return ({key: f.get_tensor(key).clone() for key in f.keys()},
                     meta.get("exact") == "1")
     except Exception:  # missing, truncated, another format: recompute
         return None
+
+
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
 
 
 def save_cached(path: Path, state: dict[str, Any], exact: bool) -> None:
@@ -363,7 +396,8 @@ def save_cached(path: Path, state: dict[str, Any], exact: bool) -> None:
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
         os.close(fd)
         try:
-            save_file(state, tmp, metadata={"format": FORMAT, "exact": "1" if exact else "0"})
+            save_file(state, tmp, metadata={"format": FORMAT, "exact": "1" if exact else "0",
+                                            "torch": _torch_version()})
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)

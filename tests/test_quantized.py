@@ -116,6 +116,13 @@ def test_auto_quantizes_4bit_weights_and_caches_them(tiny_llama, tmp_path, monke
     with torch.inference_mode():  # a batch's last positions: a strided slice for the LM head
         last = model(torch.tensor([[5, 9, 2, 7], [1, 2, 3, 4]]), logits_to_keep=1).logits
     assert torch.equal(last[:1].float(), logits[:, -1:])
+    # The cache holds what the kernel runs: packed int4, for this torch version only.
+    state, exact = quantized.load_cached(tmp_path / quantized.CACHE_FILE)
+    assert exact and any(k.endswith(".packed") for k in state)
+    assert not any(k.endswith("codes") for k in state)
+    monkeypatch.setattr(quantized, "_torch_version", lambda: "0.0")
+    assert quantized.load_cached(tmp_path / quantized.CACHE_FILE) is None
+    monkeypatch.undo()
     # A second load reads the cache: the same modules without computing anything again.
     monkeypatch.setattr(quantized, "quantize_state", lambda *a: pytest.fail("not cached"))
     again = _tiny_llama_on_grid(tiny_llama)
