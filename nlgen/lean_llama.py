@@ -209,8 +209,8 @@ class _Layer:
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.sizes = (q_proj.out_features, k_proj.out_features)
-        self.fused_qkv = quantized.fuse([q_proj, k_proj, v_proj])
-        self.fused_gate_up = quantized.fuse([gate_proj, up_proj])
+        self.fused_qkv = fuse([q_proj, k_proj, v_proj])
+        self.fused_gate_up = fuse([gate_proj, up_proj])
 
     @classmethod
     def of(cls, layer: Any) -> _Layer:
@@ -232,3 +232,38 @@ class _Layer:
             out = self.fused_gate_up(h)
             return out[..., :self.gate_proj.out_features], out[..., self.gate_proj.out_features:]
         return self.gate_proj(h), self.up_proj(h)
+
+
+def fuse(layers: list[Any]) -> Any:
+    """One product for several quantized layers that read the same input (q/k/v, gate/up):
+    a function (M, K) -> (M, sum of their widths) for fewer than DENSE_FROM rows, or None
+    unless all are int4 (or all int8) without bias. The int4 kernel packs its rows in tiles
+    (quantized.INT4_TILE): when every layer's width is a whole number of tiles, the packed rows
+    and the scales concatenate exactly, and the outputs are the layers' own, side by side."""
+    import torch
+
+    int4, int8, _ = quantized._classes()
+    kinds = {type(layer) for layer in layers}
+    if len(kinds) != 1 or kinds & {int4, int8} == set() or any(
+            layer.bias is not None for layer in layers):
+        return None
+    width = layers[0].in_features
+    if int4 in kinds:
+        if any(layer.out_features % quantized.INT4_TILE for layer in layers):
+            return None
+        packed = torch.cat([layer.packed for layer in layers])  # (N, K/2)
+        scales_zeros = torch.cat([layer.scales_zeros for layer in layers], dim=1)  # (K/G, N, 2)
+
+        def product(x: Any) -> Any:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, width).contiguous(), packed, quantized.GROUP, scales_zeros)
+            return out.reshape(*x.shape[:-1], -1)
+    else:
+        weight = torch.cat([layer.weight_int8 for layer in layers])  # (N, K)
+        scale = torch.cat([layer.scale for layer in layers])  # (N,)
+
+        def product(x: Any) -> Any:
+            out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, width).contiguous(), weight,
+                                                     scale)
+            return out.reshape(*x.shape[:-1], -1)
+    return product

@@ -266,41 +266,6 @@ def _classes() -> tuple[type, type, type]:
     return Int4Linear, Int8Linear, Int8BlocksLinear
 
 
-def fuse(layers: list[Any]) -> Any:
-    """One product for several quantized layers that read the same input (q/k/v, gate/up):
-    a function (M, K) -> (M, sum of their widths) for fewer than DENSE_FROM rows, or None
-    unless all are int4 (or all int8) without bias. The int4 kernel packs its rows in tiles of
-    INT4_TILE: when every layer's width is a whole number of tiles, the packed rows and the
-    scales concatenate exactly, and the outputs are the layers' own, side by side."""
-    import torch
-
-    int4, int8, _ = _classes()
-    kinds = {type(layer) for layer in layers}
-    if len(kinds) != 1 or kinds & {int4, int8} == set() or any(
-            layer.bias is not None for layer in layers):
-        return None
-    width = layers[0].in_features
-    if int4 in kinds:
-        if any(layer.out_features % INT4_TILE for layer in layers):
-            return None
-        packed = torch.cat([layer.packed for layer in layers])  # (N, K/2)
-        scales_zeros = torch.cat([layer.scales_zeros for layer in layers], dim=1)  # (K/G, N, 2)
-
-        def product(x: Any) -> Any:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.reshape(-1, width).contiguous(), packed, GROUP, scales_zeros)
-            return out.reshape(*x.shape[:-1], -1)
-    else:
-        weight = torch.cat([layer.weight_int8 for layer in layers])  # (N, K)
-        scale = torch.cat([layer.scale for layer in layers])  # (N,)
-
-        def product(x: Any) -> Any:
-            out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, width).contiguous(), weight,
-                                                     scale)
-            return out.reshape(*x.shape[:-1], -1)
-    return product
-
-
 def linear_names(model: Any, head: bool = True) -> list[str]:
     """The Linear layers that can be quantized: every one whose input width is a whole number
     of blocks. The LM head is last, when it is a Linear and ``head`` is true."""

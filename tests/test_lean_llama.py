@@ -81,7 +81,7 @@ def test_int4_fused_products_equal_the_separate_ones_and_greedy_tokens_match(tin
 
     lm = load_model(str(tiny_llama), device="cpu", quantize="int8")  # bfloat16, int8 layers
     layer = lm.model.model.layers[0].self_attn
-    fused = quantized.fuse([layer.q_proj, layer.k_proj, layer.v_proj])
+    fused = lean_llama.fuse([layer.q_proj, layer.k_proj, layer.v_proj])
     x = torch.randn(1, 3, layer.q_proj.in_features).bfloat16()
     expected = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], dim=-1)
     assert torch.equal(fused(x), expected)
@@ -97,12 +97,12 @@ def test_int4_fused_products_equal_the_separate_ones_and_greedy_tokens_match(tin
                 int4(quantized.int4_blocks(weight), weight.bfloat16()))
     mlp = lm.model.model.layers[0].mlp
     # k/v are 32 rows wide here, half of the int4 kernel's tile: those cannot be fused.
-    assert quantized.fuse([layer.q_proj, layer.k_proj, layer.v_proj]) is None
-    fused = quantized.fuse([mlp.gate_proj, mlp.up_proj])  # 128 + 128 rows
+    assert lean_llama.fuse([layer.q_proj, layer.k_proj, layer.v_proj]) is None
+    fused = lean_llama.fuse([mlp.gate_proj, mlp.up_proj])  # 128 + 128 rows
     assert torch.equal(fused(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1))
     mixed = [mlp.gate_proj, int8(quantized.int8_rows(mlp.up_proj.dense.float()),
                                  mlp.up_proj.dense)]
-    assert quantized.fuse(mixed) is None
+    assert lean_llama.fuse(mixed) is None
     for prompt in PROMPTS:
         assert _greedy(lm, prompt, 20, lean=True) == _greedy(lm, prompt, 20, lean=False)
 
