@@ -9,7 +9,7 @@ from typer import rich_utils
 from typer.core import TyperOption
 
 from nlgen import __version__
-from nlgen.cli import finetune, generate, jobs, models, perplexity, score
+from nlgen.cli import finetune, generate, models, perplexity, score
 from nlgen.cli.console import error
 from nlgen.cli.runtime import end_process, flush_stdout_quietly, is_main_process
 
@@ -84,8 +84,6 @@ def main() -> None:
     try:
         app()
     except SystemExit as exc:
-        flush_stdout_quietly()
-        jobs.exit_after_group(exc.code)  # under torchrun: see there
         end_process(exc.code)  # skips the interpreter's teardown where it is safe
         raise
     finally:

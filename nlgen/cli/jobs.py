@@ -7,8 +7,6 @@ failures reach rank 0 through nlgen.parallel).
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +15,7 @@ from typing import Any
 from rich.progress import TextColumn, TimeRemainingColumn
 
 from nlgen import distributed
-from nlgen.cli import console
-
-_joined = False  # this process created a process group (see exit_after_group)
+from nlgen.cli import console, runtime
 
 
 @contextmanager
@@ -27,37 +23,23 @@ def launched(device: str) -> Iterator[str]:
     """This process's device (its own GPU under a launcher) inside its process group.
 
     With one process: ``device`` unchanged and no group (nothing is imported).
+
+    A process that joined a group ends without the interpreter's teardown
+    (:func:`runtime.exit_fast_when_done`): some abort in it after a clean
+    ``destroy_process_group`` ("terminate called without an active exception", SIGABRT, seen in
+    a few percent of two-rank CPU runs with torch 2.13), in the teardown of gloo's C++ objects
+    (as pytorch/pytorch#179291 describes). Processes that did not join a group (finetune's, set
+    up by accelerate) exit normally.
     """
-    global _joined
     rank_device = distributed.device_for_rank(device)
     created = distributed.init(rank_device)
-    _joined = _joined or created
+    if created:
+        runtime.exit_fast_when_done()
     try:
         yield rank_device
     finally:
         if created:
             distributed.shutdown()
-
-
-def exit_after_group(code: Any) -> None:
-    """End a process that ran in a gloo/NCCL group with ``os._exit``, once its output is out.
-
-    Some processes abort in the interpreter's own teardown after a clean
-    ``destroy_process_group`` ("terminate called without an active exception", SIGABRT, seen
-    in a few percent of two-rank CPU runs with torch 2.13), in the teardown of gloo's C++
-    objects (as pytorch/pytorch#179291 describes). The work is done and flushed by then
-    (--output is closed and synced), so the process leaves without that teardown, with its
-    own exit code. Processes that did not join a group (finetune's, set up by accelerate)
-    exit normally.
-    """
-    if not _joined:
-        return
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 def processes() -> str:

@@ -111,7 +111,8 @@ def flush_stdout_quietly() -> None:
         pass
 
 
-# Set by commands whose work is done once their output is flushed (generate, perplexity).
+# Set by generate, whose work is done once its output is flushed, and by every process that
+# joined a process group (cli/jobs.py).
 _exit_fast = False
 
 
@@ -120,19 +121,24 @@ def exit_fast_when_done() -> None:
 
     Clearing the modules of torch and transformers at exit took ~0.5 s of an 8-token
     `generate` process on the 2-core machine (README, "Design notes"). A command that
-    writes its files atomically before returning and holds nothing else to clean up (no
-    training run, no process group) has nothing for that teardown to do.
+    writes its files atomically before returning (--output is closed and synced) and holds
+    nothing else to clean up (no training run) has nothing for that teardown to do.
     """
     global _exit_fast
     _exit_fast = True
 
 
 def end_process(code: Any) -> None:
-    """Exit now with ``code`` when the command asked for it and the heavy modules are loaded."""
-    if _exit_fast and "torch" in sys.modules and isinstance(code, (int, type(None))):
-        flush_stdout_quietly()
-        try:
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-        os._exit(code or 0)
+    """Exit now with ``code`` (as SystemExit would: a message is printed, status 1) when the
+    command asked for it and the heavy modules are loaded."""
+    if not (_exit_fast and "torch" in sys.modules):
+        return
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    flush_stdout_quietly()
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code or 0)
