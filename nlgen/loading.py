@@ -89,6 +89,9 @@ class LoadedModel:
 def _get_model(self: LoadedModel) -> Any:
     if self._model is None and self.loader is not None:
         self._model, self.loader = self.loader(), None
+        # The model holds the weights now: the lean forward reads them there (decode.stepper)
+        # rather than keep the copy read from the files (~370 MB for the built-in model).
+        self.lean = None
     return self._model
 
 

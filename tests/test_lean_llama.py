@@ -114,7 +114,9 @@ def test_builtin_default_load_runs_int4_and_the_lean_forward_gives_its_greedy_te
     lm = load_model("builtin", device="cpu")
     if lm.dtype != "bfloat16":
         pytest.skip("this CPU has no fast bfloat16: auto keeps float32, no int4")
+    files = lm.lean  # read from the files and the int4 cache (None when the cache was made now)
     assert lm.quantization == "int4" and lean_llama.supports(lm.model)
+    lm.lean = files  # compare the files' weights with the model's own forward
     prompt = "The history of the printing press"
     assert _greedy(lm, prompt, 48, lean=True) == _greedy(lm, prompt, 48, lean=False)
     # A small batch runs transformers' generate() on the same int4 layers and 8-bit head.
@@ -134,8 +136,10 @@ def test_a_saved_llama_loads_lean_and_builds_transformers_model_only_when_asked(
     opts = GenerationOptions(greedy=True, max_new_tokens=12)
     [one] = generate(lm, ["Once upon a time"], opts)
     assert lm._model is None  # one prompt: the lean loop, no transformers model
-    assert lm.context_length == lm.model.config.max_position_embeddings  # built from here on
-    assert lm.generation_config.to_dict() == lm.model.generation_config.to_dict()
+    lean_context, lean_config = lm.context_length, lm.generation_config.to_dict()
+    assert lean_context == lm.model.config.max_position_embeddings  # built from here on
+    assert lean_config == lm.model.generation_config.to_dict()
+    assert lm.lean is None  # the copy read from the files is let go once the model holds them
     both = list(generate(lm, ["Once upon a time", "A"], opts))  # a batch: generate()
     assert both[0].completion == one.completion
 
@@ -146,10 +150,12 @@ def test_lean_files_forward_equals_transformers_forward(tiny_llama):
     from nlgen.loading import load_model
 
     lm = load_model(str(tiny_llama), device="cpu", dtype="float32")
+    files = lm.lean  # read from the files; dropped when the model is built below
     ids = torch.tensor([[5, 9, 2, 7, 11]])
     with torch.inference_mode():
         expected = lm.model(ids).logits[:, -1].float()
-        got = lean_llama.LeanLlama(lm.lean, max_len=5).step(ids, 0)
+        got = lean_llama.LeanLlama(files, max_len=5).step(ids, 0)
+    lm.lean = files  # the greedy runs below: the files' weights against the model's forward
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for prompt in PROMPTS:
         assert _greedy(lm, prompt, 24, lean=True) == _greedy(lm, prompt, 24, lean=False)
