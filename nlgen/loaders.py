@@ -25,6 +25,36 @@ def quiet_transformers() -> None:
     disable_progress_bars()
 
 
+# A directory holds a tokenizer when it has one of these (a glob each): the tokenizers file,
+# GPT-2's vocabulary and merges, a sentencepiece or tiktoken model, a WordPiece vocabulary.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("*.model",),
+                   ("*.tiktoken",), ("vocab.txt",))
+
+
+def check_tokenizer_files(directory: Path, display: str) -> None:
+    """A model directory without a tokenizer is named as such, with the files it lacks.
+
+    transformers says "Couldn't instantiate the backend tokenizer from one of: " and nothing
+    after it, or builds an empty tokenizer that turns every prompt into no tokens at all.
+    An adapter directory (LoRA, not merged) or a model that brings its own code may keep its
+    tokenizer elsewhere: those are left to transformers.
+    """
+    if not (directory / "config.json").is_file():
+        return
+    if any(all(any(directory.glob(pattern)) for pattern in group) for group in TOKENIZER_FILES):
+        return
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if isinstance(config, dict) and "auto_map" in config:
+            return
+    except (OSError, ValueError):
+        pass
+    raise ModelError(f"{display.rstrip('/')}/ has no tokenizer (tokenizer.json, or vocab.json "
+                     "+ merges.txt, or tokenizer.model)",
+                     hint="copy the tokenizer files of the model it was trained from into it "
+                     "(tokenizer.save_pretrained writes them)")
+
+
 def tokenizer(source: str, kwargs: dict[str, Any]) -> Any:
     """The tokenizer; a plain tokenizers-backed one without AutoTokenizer's class lookup,
     which imports transformers' model registry (~0.4 s)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import socket
 import threading
 import time
@@ -233,6 +234,12 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     return reachable
 
 
+def offline_variable() -> str:
+    """The variable that made huggingface_hub offline: HF_HUB_OFFLINE, else TRANSFORMERS_OFFLINE
+    (it reads the second only when the first is unset or empty)."""
+    return "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+
+
 def _probe_memo() -> Path:
     return gguf.cache_dir() / "hub-unreachable"
 
@@ -308,7 +315,7 @@ def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: st
                                 local_only=not online, model_id=spec.name, quantize=quantize)
     except ModelError as exc:
         if not online:
-            why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+            why = (f"{offline_variable()} is set" if constants.HF_HUB_OFFLINE
                    else "the Hugging Face Hub cannot be reached")
             raise ModelError(
                 f"model {spec.name!r} is not in the local cache and {why}",
@@ -337,6 +344,8 @@ def _load_pretrained(
     def full() -> tuple[Any, str]:
         return loaders.full_model(source, device, dtype, quantize, cache, kwargs)
 
+    if Path(source).is_dir():
+        loaders.check_tokenizer_files(Path(source), display)
     try:
         tokenizer = loaders.tokenizer(source, kwargs)
         lean, quantization = None, "none"

@@ -10,7 +10,7 @@ from typer.core import TyperOption
 
 from nlgen import __version__
 from nlgen.cli import finetune, generate, models, perplexity, score
-from nlgen.cli.console import error
+from nlgen.cli.console import StdoutError, error, no_color, silence_stdout
 from nlgen.cli.runtime import end_process, flush_stdout_quietly, is_main_process
 
 _display_type_rich = TyperOption.display_type_rich
@@ -41,6 +41,24 @@ def _usage_error(exc: Any) -> None:
 
 
 rich_utils.rich_format_error = _usage_error
+
+_rich_console = rich_utils._get_rich_console
+
+
+def _help_console(stderr: bool = False) -> Any:
+    """Typer's console for --help, plain under NO_COLOR (rich alone drops the colours but keeps
+    bold and dim), and a closed pipe a BrokenPipeError for main (exit 0; rich exits 1)."""
+    rich_utils.COLOR_SYSTEM = None if no_color() else "auto"
+    console = _rich_console(stderr=stderr)
+
+    def broken_pipe() -> None:
+        raise BrokenPipeError
+
+    console.on_broken_pipe = broken_pipe
+    return console
+
+
+rich_utils._get_rich_console = _help_console
 
 app = typer.Typer(
     name="nlgen",
@@ -86,6 +104,13 @@ def main() -> None:
     except SystemExit as exc:
         end_process(exc.code)  # skips the interpreter's teardown where it is safe
         raise
+    except BrokenPipeError:  # --help | head -n 1 (a command's own output is mapped by guard)
+        silence_stdout()
+        raise SystemExit(0) from None
+    except OSError as exc:  # --help or --version into a full disk: outside any command's guard
+        silence_stdout()
+        error(StdoutError(exc).message)
+        raise SystemExit(1) from None
     finally:
         # A reader that closed the pipe must not turn the exit-time flush into a traceback.
         flush_stdout_quietly()

@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 
+from nlgen.errors import OutputError
+
 _stderr: Console | None = None
 _quiet = False  # --quiet: notices are dropped, errors still shown
 _stdout_mid_line = False  # the last result written to stdout did not end its line
@@ -36,13 +38,51 @@ def stderr_console() -> Console:
     return _stderr
 
 
+class StdoutError(OutputError):
+    """stdout refused a write (a full disk, an I/O error): the results cannot reach the user.
+
+    A reader that closed the pipe is not one: that stays a BrokenPipeError (exit 0).
+    """
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(f"cannot write to stdout: {exc.strerror or exc}")
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit cannot fail again (after a closed
+    pipe or a full disk: what is still buffered has nowhere to go)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file descriptor (CliRunner): nothing will be flushed to a pipe
+
+
+class _StdoutConsole(Console):
+    """A rich console on stdout whose failed writes are a StdoutError (exit 1) and whose closed
+    pipe is a BrokenPipeError (exit 0), as for every other result; rich exits 1 on the latter."""
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().print(*args, **kwargs)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            silence_stdout()
+            raise StdoutError(exc) from None
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def stdout_console() -> Console:
     """A console for results that are tables: no escape codes at all under NO_COLOR.
 
     Off a terminal rich assumes 80 columns and would crop the numbers; a file gets them all.
     """
-    return Console(width=None if stdout_is_terminal() else 160, highlight=False,
-                   color_system=None if no_color() else "auto")
+    return _StdoutConsole(width=None if stdout_is_terminal() else 160, highlight=False,
+                          color_system=None if no_color() else "auto")
 
 
 def _isatty(stream: Any) -> bool:
@@ -117,8 +157,15 @@ def write(text: str, stream: IO[str] | None = None) -> None:
     """Write a result to stdout and flush it at once (a pipeline sees it now)."""
     global _stdout_mid_line
     stream = stream or sys.stdout
-    stream.write(text)
-    stream.flush()
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        if stream is sys.stdout:
+            silence_stdout()
+        raise StdoutError(exc) from None
     if text:
         _stdout_mid_line = not text.endswith(("\n", "\0"))
 

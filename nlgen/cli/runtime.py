@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import typer
 
 from nlgen import distributed
-from nlgen.cli.console import end_line, error, setup_logging
+from nlgen.cli.console import end_line, error, setup_logging, silence_stdout
 from nlgen.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, ModelError, NlgenError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -24,15 +24,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def debug_enabled() -> bool:
     return os.environ.get("NLGEN_DEBUG", "") not in ("", "0", "false", "no")
-
-
-def silence_stdout() -> None:
-    """After a BrokenPipeError, point stdout at /dev/null so the exit flush cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass  # not a real file descriptor (CliRunner): nothing will be flushed to a pipe
 
 
 def guard(command: F) -> F:
@@ -96,19 +87,17 @@ def _with_origin(exc: NlgenError, ctx: typer.Context | None) -> str:
 def _end_line_quietly() -> None:
     try:
         end_line()
-    except BrokenPipeError:
+    except (OSError, ValueError, NlgenError):
         silence_stdout()
-    except (OSError, ValueError):
-        pass
 
 
 def flush_stdout_quietly() -> None:
+    """Flush stdout; where it cannot take the bytes (a closed pipe, a full disk), drop them,
+    so that the interpreter's own flush at exit does not fail again."""
     try:
         sys.stdout.flush()
-    except BrokenPipeError:
-        silence_stdout()
     except (OSError, ValueError):
-        pass
+        silence_stdout()
 
 
 # Set by generate, whose work is done once its output is flushed, and by every process that
