@@ -3,8 +3,9 @@
 A ``.jsonl`` prompt file holds one of two record formats, told apart by their fields:
 
 - **nlgen prompts**: ``{"prompt": "..."}`` or ``{"messages": [{"role": ..., "content": ...}]}``,
-  with any of :data:`OPTION_FIELDS` as per-record sampling options and an optional ``id``
-  echoed back. Answered with ``nlgen generate --format jsonl`` records, one per sequence.
+  with any of :data:`nlgen.record_options.OPTION_FIELDS` as per-record sampling options and
+  an optional ``id`` echoed back. Answered with ``nlgen generate --format jsonl`` records, one
+  per sequence.
 - **OpenAI batch requests**, the input file of the OpenAI Batch API and of ``vllm run-batch``:
   ``{"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions",
   "body": {"model", "prompt" | "messages", "max_tokens", "temperature", "top_p", "n", "stop",
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from nlgen import inputs, token_logprobs
+from nlgen import inputs, record_options, token_logprobs
 from nlgen.errors import InputError, UsageError
 from nlgen.generation import Generation, GenerationOptions
 from nlgen.inputs import Prompt, Record
@@ -40,18 +41,8 @@ COMPLETIONS_URL = "/v1/completions"
 KEY_FIELDS: dict[str, tuple[str, ...]] = {TEXT: ("index", "sequence"),
                                           PROMPTS: ("index", "sequence"), OPENAI: ("id",)}
 
-# A record's option -> GenerationOptions field. OpenAI's names first, then nlgen's own.
-OPTION_FIELDS = {
-    "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
-    "max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
-    "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty",
-    "n": "num_return_sequences", "num_return_sequences": "num_return_sequences",
-    "stop": "stop", "seed": "seed",
-}
-INTEGER_OPTIONS = {"max_new_tokens", "top_k", "num_return_sequences", "seed"}
 # Accepted and left alone: the model is the job's --model; `user` is for OpenAI's abuse checks.
 IGNORED_BODY_FIELDS = {"model", "user", "stream"}
-SAMPLING = ("temperature", "top_k", "top_p", "min_p", "typical_p")
 
 
 @dataclass(frozen=True)
@@ -66,6 +57,9 @@ class Request:
     url: str | None = None  # OpenAI format: which endpoint the request is for
     id: Any = None  # nlgen prompt records: the record's own "id", echoed back
     error: str | None = None
+    source: str = ""  # the file's name, to name the record in a message
+    length_field: str | None = None  # the field that set the record's own max new tokens
+    duplicate_of: int | None = None  # the line that used the same custom_id first
 
     @property
     def ok(self) -> bool:
@@ -102,24 +96,30 @@ def detect_format(lines: Iterable[Record]) -> str:
 def parse_records(lines: Iterable[Record], fmt: str, base: GenerationOptions,
                   ) -> Iterator[Request]:
     """A Request per record, in order; a bad record becomes a Request with its error."""
-    custom_ids: set[str] = set()
+    first_line: dict[str, int] = {}  # custom_id -> the line that used it first
     for index, item in enumerate(lines):
+        custom_id = (item.fields or {}).get("custom_id")
+        custom_id = custom_id if isinstance(custom_id, str) and custom_id else None
+        if fmt == OPENAI and custom_id in first_line:
+            yield Request(index, item.line, custom_id=custom_id, source=item.name,
+                          duplicate_of=first_line[custom_id],
+                          error=f"line {item.line}: custom_id {custom_id!r} is used twice "
+                                f"(first on line {first_line[custom_id]})")
+            continue
+        if custom_id is not None:
+            first_line[custom_id] = item.line
         try:
             if item.fields is None:
                 raise ValueError(item.problem)
             if fmt == OPENAI:
                 request = _openai_request(index, item, base)
-                if request.custom_id in custom_ids:
-                    raise ValueError(f"custom_id {request.custom_id!r} is used twice")
-                custom_ids.add(str(request.custom_id))
             else:
                 request = _prompt_request(index, item, base)
         except ValueError as exc:
-            custom_id = (item.fields or {}).get("custom_id")
-            yield Request(index, item.line, custom_id=custom_id if isinstance(custom_id, str)
-                          else None, error=f"line {item.line}: {exc}")
+            yield Request(index, item.line, custom_id=custom_id, source=item.name,
+                          error=f"line {item.line}: {exc}")
             continue
-        yield request
+        yield dataclasses.replace(request, source=item.name)
 
 
 def text_requests(prompts: Iterable[Prompt], base: GenerationOptions) -> Iterator[Request]:
@@ -132,8 +132,9 @@ def _prompt_request(index: int, item: Record, base: GenerationOptions) -> Reques
     record = dict(item.fields or {})
     prompt = _prompt(record, item.line, messages_allowed=True, where="")
     record_id = record.pop("id", None)
-    options = _options(record, base, where="")
-    return Request(index, item.line, prompt, options, id=record_id)
+    options = record_options.overlay(record, base, where="")
+    return Request(index, item.line, prompt, options, id=record_id,
+                   length_field=record_options.length_field(record, ""))
 
 
 def _openai_request(index: int, item: Record, base: GenerationOptions) -> Request:
@@ -160,8 +161,11 @@ def _openai_request(index: int, item: Record, base: GenerationOptions) -> Reques
         body.pop(name, None)
     chat = url == CHAT_URL
     prompt = _prompt(body, item.line, messages_allowed=chat, where="body.")
-    options = _options(body, dataclasses.replace(base, chat=False), where="body.")
-    return Request(index, item.line, prompt, options, custom_id=custom_id, url=url)
+    options = record_options.overlay(body, dataclasses.replace(base, chat=False), "body.",
+                                     logprobs=record_options.CHAT if chat
+                                     else record_options.COMPLETIONS)
+    return Request(index, item.line, prompt, options, custom_id=custom_id, url=url,
+                   length_field=record_options.length_field(body, "body."))
 
 
 def _prompt(record: dict[str, Any], line: int, *, messages_allowed: bool, where: str) -> Prompt:
@@ -200,45 +204,6 @@ def _messages(value: Any, where: str) -> tuple[dict[str, str], ...]:
             raise ValueError(f"{where}messages[{number - 1}] has no text content")
         messages.append({"role": message["role"], "content": content})
     return tuple(messages)
-
-
-def _options(record: dict[str, Any], base: GenerationOptions, where: str) -> GenerationOptions:
-    """The job's options overlaid with the record's (what is left in ``record``)."""
-    changes: dict[str, Any] = {}
-    for key, value in record.items():
-        field = OPTION_FIELDS.get(key)
-        if field is None:
-            raise ValueError(f"unknown option {where}{key} (known: "
-                             f"{', '.join(sorted(OPTION_FIELDS))})")
-        changes[field] = _check_type(field, value, f"{where}{key}")
-    if changes.get("temperature") == 0:  # OpenAI's temperature 0: greedy decoding
-        changes.pop("temperature")
-        changes.update({name: None for name in SAMPLING}, greedy=True)
-    elif any(name in changes for name in SAMPLING):
-        changes["greedy"] = False
-    if "max_new_tokens" in changes:
-        changes["max_length"] = None
-    if changes.get("top_k") == -1:  # vLLM's "every token"
-        changes["top_k"] = 0
-    try:
-        return dataclasses.replace(base, **changes)
-    except UsageError as exc:
-        raise ValueError(exc.message) from None
-
-
-def _check_type(field: str, value: Any, name: str) -> Any:
-    if field == "stop":
-        stops = [value] if isinstance(value, str) else value
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise ValueError(f"{name} is not a string or a list of strings")
-        return tuple(stops)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} is not a number")
-    if field in INTEGER_OPTIONS:
-        if value != int(value):
-            raise ValueError(f"{name} is not an integer")
-        return int(value)
-    return float(value)
 
 
 @dataclass
@@ -281,6 +246,11 @@ def load_requests(name: str, base: GenerationOptions, *, skip_bad: bool) -> Requ
         if not request.ok:
             bad.append(request)
     shown = inputs.display_name(name)
+    twice = next((r for r in bad if r.duplicate_of is not None), None)
+    if twice is not None:  # answers are matched to requests by custom_id: it must be unique
+        raise UsageError(f"{shown} lines {twice.duplicate_of} and {twice.line} have the same "
+                         f"custom_id {twice.custom_id!r}",
+                         hint="give every request a custom_id of its own")
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more bad records)" if len(bad) > 1 else ""
         raise UsageError(f"{shown} {bad[0].error}{more}",
@@ -292,10 +262,12 @@ def load_requests(name: str, base: GenerationOptions, *, skip_bad: bool) -> Requ
     return RequestFile(name, fmt, count, bad, read)
 
 
-def is_done(fmt: str, request: Request, done: frozenset) -> bool:
-    """Whether a resumed job's output already answers ``request`` (all of its sequences)."""
+def is_done(fmt: str, request: Request, done: frozenset, job: str = "") -> bool:
+    """Whether a resumed job's output already answers ``request`` (all of its sequences).
+
+    ``job``: the job id that names its OpenAI-format lines (:func:`record_id`)."""
     if fmt == OPENAI:
-        return record_id(request.index) in done
+        return record_id(request.index, job) in done
     if (request.index, None) in done:  # answered with an error record
         return True
     return all((request.index, s) in done for s in range(request.sequences))
@@ -309,15 +281,16 @@ def answered(fmt: str, done: frozenset) -> int:
 # ----------------------------------------------------------------------------- writing
 
 
-def record_id(index: int) -> str:
-    """The ``id`` of an OpenAI-format output line: stable, so that --resume can find it."""
-    return f"nlgen-{index}"
+def record_id(index: int, job: str = "") -> str:
+    """The ``id`` of an OpenAI-format output line: unique to its job (``job``, the job id that
+    a resumed job keeps) and stable, so that --resume can find it."""
+    return f"nlgen-{job}-{index}" if job else f"nlgen-{index}"
 
 
-def records(fmt: str, result: Result, model: str) -> list[dict[str, Any]]:
-    """The output records answering one request, in the job's format."""
+def records(fmt: str, result: Result, model: str, job: str = "") -> list[dict[str, Any]]:
+    """The output records answering one request, in the job's format (``job``: the job id)."""
     if fmt == OPENAI:
-        return [openai_record(result, model)]
+        return [openai_record(result, model, job)]
     if not result.request.ok:
         request = result.request
         return [{"index": request.index, "line": request.line, "sequence": None,
@@ -348,13 +321,18 @@ def generation_record(result: Generation, model: str, record_id: Any = None) -> 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "time": "length"}
 
 
-def openai_record(result: Result, model: str) -> dict[str, Any]:
-    """One line of a Batch API output file: the response to one request, or its error."""
+def openai_record(result: Result, model: str, job: str = "") -> dict[str, Any]:
+    """One line of a Batch API output file: the response to one request, or its error (with
+    the request's ``line``: a line that is not JSON has no custom_id to name it)."""
     request = result.request
-    line: dict[str, Any] = {"id": record_id(request.index), "custom_id": request.custom_id}
-    request_id = f"nlgen-req-{request.index}"
+    suffix = record_id(request.index, job).removeprefix("nlgen-")
+    line: dict[str, Any] = {"id": record_id(request.index, job),
+                            "custom_id": request.custom_id}
+    request_id = f"nlgen-req-{suffix}"
     if not request.ok:
-        error = {"message": request.error, "type": "invalid_request_error", "param": None,
+        line["line"] = request.line
+        error = {"message": request.error, "type": "invalid_request_error",
+                 "param": (request.length_field or "").removeprefix("body.") or None,
                  "code": None}
         line["response"] = {"status_code": 400, "request_id": request_id,
                             "body": {"error": error}}
@@ -368,11 +346,12 @@ def openai_record(result: Result, model: str) -> dict[str, Any]:
             choice["message"] = {"role": "assistant", "content": g.completion}
         else:
             choice["text"] = g.completion
-        choice.update(logprobs=None, finish_reason=FINISH_REASONS.get(g.finish_reason, "stop"))
+        choice.update(logprobs=_choice_logprobs(g, chat),
+                      finish_reason=FINISH_REASONS.get(g.finish_reason, "stop"))
         choices.append(choice)
     prompt_tokens = result.generations[0].prompt_tokens if result.generations else 0
     body = {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-nlgen-{request.index}",
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-nlgen-{suffix}",
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()), "model": model, "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": result.new_tokens,
@@ -381,3 +360,23 @@ def openai_record(result: Result, model: str) -> dict[str, Any]:
     line["response"] = {"status_code": 200, "request_id": request_id, "body": body}
     line["error"] = None
     return line
+
+
+def _choice_logprobs(g: Generation, chat: bool) -> dict[str, Any] | None:
+    """A choice's ``logprobs`` as each endpoint gives them: a chat's ``{"content": [...]}``;
+    a completion's ``tokens``, ``token_logprobs``, ``top_logprobs`` (one {token: logprob} per
+    token) and ``text_offset`` (where each token starts in the completion's text)."""
+    if g.logprobs is None:
+        return None
+    content = token_logprobs.openai_content(g.logprobs)
+    if chat:
+        return {"content": content}
+    offsets, at = [], 0
+    for token in content:
+        offsets.append(at)
+        at += len(token["token"])
+    return {"tokens": [t["token"] for t in content],
+            "token_logprobs": [t["logprob"] for t in content],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in t["top_logprobs"]}
+                             for t in content],
+            "text_offset": offsets}

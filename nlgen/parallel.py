@@ -33,7 +33,7 @@ from nlgen.batchjob import Request, Result
 from nlgen.errors import UsageError
 from nlgen.generation import Generation, GenerationOptions, GenerationStats
 from nlgen.inputs import STDIN
-from nlgen.jobfile import ResumableWriter
+from nlgen.jobfile import JobIdentity, ResumableWriter
 from nlgen.loading import LoadedModel
 from nlgen.scoring import ScoreOptions, Scorer, TextScore
 
@@ -112,9 +112,15 @@ class _Totals:
 
 
 class JobOutput:
-    """``--output FILE``: rank 0's :class:`ResumableWriter`, and the keys done, on every rank."""
+    """``--output FILE``: rank 0's :class:`ResumableWriter`, and the keys done, on every rank.
 
-    def __init__(self, path: str | None, key_fields: Sequence[str], resume: bool) -> None:
+    ``identity``: what defines the job, kept beside FILE; ``--resume`` refuses another job
+    (:class:`ResumableWriter`). ``job_id``, the same on every rank: the file's own (kept by a
+    resumed job), or a fresh one without ``--output``.
+    """
+
+    def __init__(self, path: str | None, key_fields: Sequence[str], resume: bool,
+                 identity: JobIdentity | None = None) -> None:
         if resume and path is None:
             raise UsageError("--resume continues a job written with --output FILE",
                              hint="pass the --output of the job to resume")
@@ -123,12 +129,15 @@ class JobOutput:
         def open_writer() -> ResumableWriter | None:
             if path is None or not distributed.is_main_process():
                 return None
-            return ResumableWriter(path, key_fields, resume=resume)
+            described = identity.describe() if identity is not None else None
+            return ResumableWriter(path, key_fields, resume=resume, identity=described)
 
         self.writer = on_every_rank(open_writer)
         keys = self.writer.done_keys if self.writer is not None else frozenset()
-        self.done: frozenset[Hashable] = (distributed.broadcast_object(keys)
-                                          if path is not None else frozenset())
+        job_id = self.writer.job_id if self.writer is not None else secrets.token_hex(6)
+        shared = (keys, job_id) if distributed.is_main_process() else None
+        keys, self.job_id = distributed.broadcast_object(shared)
+        self.done: frozenset[Hashable] = keys if path is not None else frozenset()
 
     @property
     def resumed(self) -> int:
@@ -173,14 +182,16 @@ def stats_from(totals: Sequence[float]) -> GenerationStats:
 
 def generate_requests(load: Callable[[], LoadedModel], requests: Iterable[Request],
                       opts: GenerationOptions, *, uniform: bool, stats: GenerationStats,
-                      on_text: Callable[[str], None] | None = None,
+                      on_text: Callable[[str], None] | None = None, skip_bad: bool = False,
                       ) -> Iterator[tuple[int, Result]]:
     """This rank's share of ``requests``, answered: ``(index, Result)`` in input order.
 
     ``uniform``: every request has the job's options ``opts`` (plain prompts), so the whole
     share streams through one generate() call, which answers a slow producer prompt by prompt.
     Otherwise (records with options of their own) requests are read a window at a time and
-    the window's requests with equal options are batched together.
+    the window's requests with equal options are batched together; a record asking for more
+    new tokens than the model's context holds is refused (exit 2, naming it), or with
+    ``skip_bad`` answered with its error, as the records refused before the model loaded.
     """
     lm = load()
     mine = distributed.shard(requests)
@@ -188,7 +199,23 @@ def generate_requests(load: Callable[[], LoadedModel], requests: Iterable[Reques
         yield from _uniform(lm, mine, opts, stats, on_text)
         return
     while window := list(islice(mine, opts.batch_size * WINDOW_BATCHES)):
-        yield from _window(lm, window, stats)
+        yield from _window(lm, [_fits(r, lm.context_length, skip_bad) for r in window], stats)
+
+
+def _fits(request: Request, context: int, skip_bad: bool) -> Request:
+    """``request``, or (its own max_tokens leaving no room in the context) its error."""
+    asked = request.options.max_new_tokens if request.options is not None else None
+    if not request.ok or request.length_field is None or asked is None or asked < context:
+        return request
+    who = f"line {request.line}" + (f" (custom_id {request.custom_id!r})"
+                                    if request.custom_id else "")
+    error = (f"{who}: {request.length_field} {asked} leaves no room for a prompt in the "
+             f"model's {context}-token context")
+    if not skip_bad:
+        raise UsageError(f"{request.source} {error}".strip(),
+                         hint=f"lower {request.length_field}, or pass --skip-bad to answer the "
+                              "record with an error record and go on")
+    return dataclasses.replace(request, error=error)
 
 
 def _uniform(lm: LoadedModel, requests: Iterator[Request], opts: GenerationOptions,

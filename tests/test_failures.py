@@ -6,6 +6,7 @@ holds the files the page names, so the page and the behaviour cannot drift apart
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -52,6 +53,18 @@ def folder(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
     (base / "models").mkdir()
     (base / "done").mkdir()
     (base / "done" / "nlgen_run.json").write_text("{}", encoding="utf-8")
+    answer = '{"index": 0, "sequence": 0, "completion": " b"}\n'
+    (base / "answers.jsonl").write_text(answer, encoding="utf-8")
+    (base / "answers.jsonl.job.json").write_text(json.dumps(
+        {"job_id": "0123456789ab", "command": "generate", "input": {"sha256": "0" * 64,
+                                                                    "bytes": 1},
+         "model": "model", "options": {}}), encoding="utf-8")
+    (base / "old.jsonl").write_text(answer, encoding="utf-8")
+    request = {"custom_id": "long", "method": "POST", "url": "/v1/completions",
+               "body": {"prompt": "a", "max_tokens": 9000}}
+    (base / "long.jsonl").write_text(json.dumps(request) + "\n", encoding="utf-8")
+    (base / "twice.jsonl").write_text(2 * (json.dumps({**request, "custom_id": "a"}) + "\n"),
+                                      encoding="utf-8")
     return base
 
 

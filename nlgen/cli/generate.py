@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from nlgen import (
     extra_options,
     generation,
     inputs,
+    jobfile,
     loading,
     parallel,
 )
@@ -80,8 +82,9 @@ def generate(
         "--chat", help="Use the model's chat template: the prompt is the user turn; prints the "
         "reply.", rich_help_panel=IO)] = False,
     logprobs: Annotated[Optional[int], typer.Option(
-        "--logprobs", min=0, help="jsonl only: each generated token's log-prob and its K most "
-        "likely alternatives, as OpenAI's logprobs.content (0: the chosen token's only). The "
+        "--logprobs", min=0, help="jsonl records only (--format jsonl, --output, OpenAI batch "
+        "files): each generated token's log-prob and its K most likely alternatives, in "
+        "OpenAI's shape (0: the chosen token's only). The "
         "model's own log-probs (raw logits), before temperature, top-k/p and penalties.",
         show_default=False, rich_help_panel=IO)] = None,
     no_truncate: Annotated[bool, typer.Option(
@@ -175,9 +178,6 @@ def generate(
         truncate=not no_truncate, logprobs=logprobs,
     )
     jsonl = fmt is GenerateFormat.jsonl
-    if logprobs is not None and not jsonl:
-        raise UsageError("--logprobs needs --format jsonl (text output has no place for them)",
-                         hint="add --format jsonl")
     if stream and jsonl:
         raise UsageError("--stream prints text as it comes; --format jsonl writes each record "
                          "when its prompt is done", hint="drop --stream, or use --format text")
@@ -185,10 +185,14 @@ def generate(
         raise UsageError("--stream prints one process's text to stdout as it comes",
                          hint="drop --stream with --output or several processes")
     parallel.check_shareable([_source(prompts, file)])
+    asked = opts
     with jobs.launched(device) as rank_device:
         opts = parallel.shared_seed(opts)
         job = parallel.on_every_rank(lambda: _job(prompts, file, whole, input_format, opts,
                                                   skip_bad, count=output is not None))
+        if logprobs is not None and not jsonl and output is None and job.fmt != batchjob.OPENAI:
+            raise UsageError("--logprobs needs --format jsonl (text output has no place for "
+                             "them)", hint="add --format jsonl")
         if stream is None:
             stream = (job.single and not jsonl and output is None
                       and not distributed.is_distributed() and console.stdout_is_terminal())
@@ -208,12 +212,17 @@ def generate(
 
         stats = generation.GenerationStats()
         started = time.perf_counter()
-        with parallel.JobOutput(output, batchjob.KEY_FIELDS[job.fmt], resume) as out:
-            view.writer = out.writer
-            requests = (r for r in job.requests if not batchjob.is_done(job.fmt, r, out.done))
+        identity = _identity(prompts, file, job.fmt, asked, whole=whole, model=model,
+                             device=device, dtype=dtype, quantize=quantize)
+        with parallel.JobOutput(output, batchjob.KEY_FIELDS[job.fmt], resume,
+                                identity) as out:
+            view.writer, view.job_id = out.writer, out.job_id
+            requests = (r for r in job.requests
+                        if not batchjob.is_done(job.fmt, r, out.done, out.job_id))
             local = parallel.generate_requests(load, requests, opts, stats=stats,
                                                uniform=job.fmt == batchjob.TEXT,
-                                               on_text=console.write if stream else None)
+                                               on_text=console.write if stream else None,
+                                               skip_bad=skip_bad)
             results = parallel.Gathered(local, parallel.stats_totals(stats))
             with jobs.JobProgress("generating", job.total, enabled=output is not None,
                                   done=batchjob.answered(job.fmt, out.done)) as bar:
@@ -270,6 +279,23 @@ def _job(prompts: list[str] | None, file: str | None, whole: bool, input_format:
     return _Job(batchjob.TEXT, requests, single, total, first.text)
 
 
+def _identity(prompts: list[str] | None, file: str | None, fmt: str,
+              opts: generation.GenerationOptions, *, whole: bool, model: str | None,
+              device: str, dtype: Dtype, quantize: Quantize) -> jobfile.JobIdentity:
+    """What defines this job for --resume: its input, its model, and every option that changes
+    its records (the batch size changes none; dtype, quantization and device change numbers).
+
+    --skip-bad is left out: a job stopped by a bad record resumes with it.
+    """
+    options = {k: v for k, v in dataclasses.asdict(opts).items() if k != "batch_size"}
+    options.update(input_format=fmt, whole=whole, device=device, dtype=dtype.value,
+                   quantize=quantize.value)
+    if prompts:
+        return jobfile.JobIdentity("generate", model, options, arguments=tuple(prompts))
+    source = _source(prompts, file)
+    return jobfile.JobIdentity("generate", model, options, files=(source or inputs.STDIN,))
+
+
 def _source(prompts: list[str] | None, file: str | None) -> str | None:
     """The input file (``-`` for stdin) that prompts are read from; None for arguments."""
     piped = not prompts and file is None and not inputs.stdin_is_terminal()
@@ -322,13 +348,14 @@ class _View:
     several: bool
     lm: Any = None  # set once this rank's model is loaded
     writer: Any = None  # the --output file's ResumableWriter
+    job_id: str = ""  # names the job's OpenAI-format lines
     shown: int = 0  # sequences printed so far (text format)
     bad: int = 0  # bad records answered with an error record (--skip-bad)
 
     def show(self, result: batchjob.Result) -> None:
         request = result.request
         self.bad += not request.ok
-        records = batchjob.records(self.fmt, result, self.lm.name)
+        records = batchjob.records(self.fmt, result, self.lm.name, self.job_id)
         if self.writer is not None:
             for record in records:
                 self.writer.write(record)

@@ -111,7 +111,12 @@ def perplexity(
                                         trust_remote_code=trust_remote_code, purpose="score")
             return run.lm
 
-        with parallel.JobOutput(output, KEY_FIELDS[per_line], resume) as out, \
+        # what defines the job for --resume (the batch size changes no record)
+        identity = parallel.JobIdentity(
+            "perplexity", model, {"per_line": per_line, "max_length": max_length,
+                                  "stride": stride, "device": device, "dtype": dtype.value},
+            files=tuple(files or [inputs.STDIN]), named=True)
+        with parallel.JobOutput(output, KEY_FIELDS[per_line], resume, identity) as out, \
                 _Progress() as bar:
             run.writer = out.writer
             texts = (t for t in texts if _key(t, per_line) not in out.done)
