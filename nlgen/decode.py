@@ -84,11 +84,14 @@ def _cache_arg(model: Any) -> str | None:
 
 
 def decode(lm: Any, *, input_ids: Any, generation_config: Any, max_new_tokens: int,
-           attention_mask: Any = None, streamer: Any = None, **_: Any) -> Any:
+           attention_mask: Any = None, streamer: Any = None, stopping_criteria: Any = None,
+           **_: Any) -> Any:
     """Decode one sequence; return it with the prompt, as ``generate()`` does: (1, T + new).
 
     ``generation_config`` must be resolved (:func:`sampling.resolve_config`) and pass
-    :func:`unsupported`. Stops at an EOS token (kept) or after ``max_new_tokens``.
+    :func:`unsupported`. Stops at an EOS token (kept), after ``max_new_tokens``, or when
+    ``stopping_criteria`` (generate()'s kind: ``(ids, scores) -> (1,) bool``, called after
+    each new token as generate() calls it) says so.
     """
     import torch
 
@@ -116,6 +119,8 @@ def decode(lm: Any, *, input_ids: Any, generation_config: Any, max_new_tokens: i
         if streamer is not None:
             streamer.put(token.cpu())
         if int(token) in eos:
+            break
+        if stopping_criteria is not None and bool(stopping_criteria(tokens, scores).any()):
             break
     if streamer is not None:
         streamer.end()

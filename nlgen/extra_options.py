@@ -10,7 +10,8 @@ from __future__ import annotations
 import ast
 import difflib
 import json
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from nlgen.errors import UsageError, first_line
@@ -30,6 +31,38 @@ OWN_OPTION = {name: f"--{kebab(name)}" for name in (
 SET_BY_NLGEN = ("pad_token_id", "return_dict_in_generate", "output_scores", "output_logits",
                 "output_attentions", "output_hidden_states", "transformers_version",
                 "_from_model_config", "compile_config", "continuous_batching_config")
+
+
+def _real(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+# -o values whose range transformers documents (GenerationConfig's docstring and the checks of
+# its logits processors): generate() would otherwise skip a value out of range without a word
+# (epsilon_cutoff=5 turns epsilon sampling off) or fail in the middle of a run.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epsilon_cutoff": (lambda v: _real(v) and 0 < v < 1, "a number strictly between 0 and 1"),
+    "eta_cutoff": (lambda v: _real(v) and 0 < v < 1, "a number strictly between 0 and 1"),
+    "top_h": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "encoder_repetition_penalty": (lambda v: _real(v) and v > 0, "a number greater than 0"),
+    "min_length": (lambda v: _count(v, 0), "an integer, 0 or more"),
+    "encoder_no_repeat_ngram_size": (lambda v: _count(v, 0), "an integer, 0 or more"),
+    "num_beam_groups": (lambda v: _count(v, 1), "an integer, 1 or more"),
+} | {name: (lambda v: isinstance(v, bool), "true or false") for name in (
+    "do_sample", "use_cache", "renormalize_logits", "remove_invalid_values", "low_memory",
+    "token_healing", "disable_compile", "use_mtp")}
+
+
+def check_range(key: str, value: Any) -> None:
+    """A usage error for a -o value outside the range transformers documents for ``key``."""
+    rule = RANGES.get(key)
+    if rule is not None and not rule[0](value):
+        raise UsageError(f"-o {key} must be {rule[1]} (got {json.dumps(value)})")
 
 
 def parse_extra_options(pairs: Iterable[str]) -> tuple[tuple[str, Any], ...]:
@@ -61,7 +94,9 @@ def parse_extra_options(pairs: Iterable[str]) -> tuple[tuple[str, Any], ...]:
             hint = ("did you mean " + ", ".join(close) + "?") if close else (
                 "see GenerationConfig in the transformers docs for the fields")
             raise UsageError(f"unknown generation option {key!r}", hint=hint)
-        parsed.append((key, _parse_value(raw.strip())))
+        value = _parse_value(raw.strip())
+        check_range(key, value)
+        parsed.append((key, value))
     _validate_extra(GenerationConfig, dict(parsed))
     return tuple(parsed)
 

@@ -22,14 +22,13 @@ from nlgen.extra_options import kebab
 from nlgen.inputs import Prompt
 from nlgen.likelihood import TokenLogprob
 from nlgen.loading import LoadedModel
-from nlgen.sampling import seeded_generate
-from nlgen.streaming import StopAwareStreamer, cut_at_stop, read_windows
+from nlgen.sampling import GPT2_SAMPLING as GPT2_SAMPLING  # re-exported: the defaults
+from nlgen.sampling import SAMPLING_OPTIONS, seeded_generate
+from nlgen.sampling import build_generation_config as build_generation_config
+from nlgen.streaming import StopAwareStreamer, StopStrings, completion_end, read_windows
 
 log = logging.getLogger("nlgen")
 
-# Sampling as in the GPT-2 examples of the Hugging Face docs ("How to generate text"), used when
-# the model's own generation config does not ask for sampling itself.
-GPT2_SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.95}
 DEFAULT_MAX_NEW_TOKENS = 50
 
 
@@ -72,8 +71,10 @@ class GenerationOptions:
         for name, value in non_negative.items():
             if value is not None and value < 0:
                 raise UsageError(f"--{kebab(name)} must be 0 or more (got {value})")
-        for name, value in {"temperature": self.temperature,
-                            "repetition_penalty": self.repetition_penalty,
+        if self.temperature is not None and not 0 <= self.temperature < math.inf:
+            raise UsageError(f"--temperature must be 0 (greedy) or more, and finite "
+                             f"(got {self.temperature})")
+        for name, value in {"repetition_penalty": self.repetition_penalty,
                             "max_time": self.max_time}.items():
             # `not 0 < value < inf` also refuses nan, which every comparison fails.
             if value is not None and not 0 < value < math.inf:
@@ -86,13 +87,10 @@ class GenerationOptions:
             raise UsageError(f"--min-p must be in [0, 1] (got {self.min_p})")
         if self.max_new_tokens is not None and self.max_length is not None:
             raise UsageError("give --max-new-tokens or --max-length, not both")
-        if self.greedy:
-            sampling = [n for n in ("temperature", "top_k", "top_p", "min_p", "typical_p")
-                        if getattr(self, n) is not None]
-            if sampling:
-                raise UsageError(f"--greedy does not sample; drop --{kebab(sampling[0])}")
+        self._check_greedy()
         beams = self.num_beams or 1
-        if self.num_return_sequences > 1 and self.greedy and self.num_return_sequences > beams:
+        greedy = self.greedy or self.temperature == 0
+        if self.num_return_sequences > 1 and greedy and self.num_return_sequences > beams:
             raise UsageError("greedy decoding gives one sequence per prompt; use "
                              "--num-beams >= --num-return-sequences, or drop --greedy")
         beam_sampling = dict(self.extra).get("do_sample") is True
@@ -104,6 +102,31 @@ class GenerationOptions:
             raise UsageError("--stop needs a non-empty string")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise UsageError(f"--seed must be in [0, 2**32) (got {self.seed})")
+
+    def _check_greedy(self) -> None:
+        """The user's own options contradict each other (never nlgen's or the model's
+        defaults): --greedy or -o do_sample=false with a sampling option, or with
+        -o do_sample=true. --temperature 0 is greedy too, as in OpenAI's API and llama.cpp; the
+        sampling options given with it are ignored, as there (build_generation_config says so).
+        """
+        do_sample = dict(self.extra).get("do_sample")
+        said = ("--greedy" if self.greedy else "--temperature 0" if self.temperature == 0
+                else "-o do_sample=false" if do_sample is False else None)
+        if said is None:
+            return
+        if do_sample is True:
+            raise UsageError(f"{said} does not sample; drop -o do_sample=true")
+        if said != "--temperature 0":
+            sampling = [n for n in SAMPLING_OPTIONS if getattr(self, n) is not None
+                        and not (n == "temperature" and self.temperature == 0)]
+            if sampling:
+                raise UsageError(f"{said} does not sample; drop --{kebab(sampling[0])}")
+
+    @property
+    def greedy_decoding(self) -> bool:
+        """--greedy, --temperature 0 or -o do_sample=false: the most likely token each step."""
+        return (self.greedy or self.temperature == 0
+                or dict(self.extra).get("do_sample") is False)
 
     @property
     def streamable(self) -> bool:
@@ -119,14 +142,17 @@ class Generation:
     prompt: str
     completion: str
     prompt_tokens: int  # tokens the model saw (after a chat template or truncation)
-    completion_tokens: int  # tokens generated, EOS included
+    completion_tokens: int  # tokens generated, up to the stop string or EOS (included)
     finish_reason: str  # "eos" | "stop" (a --stop string) | "length" | "time"
     line: int | None = None  # the prompt's line in its file, when read one a line
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per completion token, when asked
+    seen: str | None = None  # the prompt as the model saw it, when it was cut to fit
 
     @property
     def text(self) -> str:
-        return self.prompt + self.completion
+        """What the model saw and wrote: the prompt (its kept end, when it was cut to fit)
+        and the completion."""
+        return (self.prompt if self.seen is None else self.seen) + self.completion
 
 
 @dataclass
@@ -150,50 +176,7 @@ class _Prepared:
     ids: list[int]
     max_new: int  # this prompt's own budget of new tokens (differs under --max-length)
     notes: list[str] = field(default_factory=list)
-
-
-def build_generation_config(lm: LoadedModel, opts: GenerationOptions) -> Any:
-    """The model's own generation config, overlaid with our defaults and the user's options."""
-    import copy
-
-    from transformers import GenerationConfig
-
-    base = lm.generation_config
-    config = copy.deepcopy(base) if base is not None else GenerationConfig()
-    if not config.do_sample:
-        # The model does not ask for sampling itself: sample as in the GPT-2 examples.
-        for key, value in GPT2_SAMPLING.items():
-            setattr(config, key, value)
-    if opts.greedy:
-        config.do_sample = False
-        config.top_k = config.top_p = config.temperature = None
-    if opts.num_beams and opts.num_beams > 1 and not opts.greedy:
-        # Beam search, not beam sampling, unless asked for with -o do_sample=true.
-        config.do_sample = False
-        config.top_k = config.top_p = config.temperature = None
-    for name in ("min_new_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p",
-                 "repetition_penalty", "no_repeat_ngram_size", "num_beams", "max_time"):
-        value = getattr(opts, name)
-        if value is not None:
-            setattr(config, name, value)
-    if opts.temperature is not None or opts.top_p is not None or opts.top_k is not None:
-        config.do_sample = True
-    config.num_return_sequences = opts.num_return_sequences
-    config.pad_token_id = lm.tokenizer.pad_token_id
-    if config.eos_token_id is None:
-        config.eos_token_id = lm.tokenizer.eos_token_id
-    config.max_length = None
-    for key, value in opts.extra:
-        setattr(config, key, value)
-    if opts.stop:
-        config.stop_strings = list(opts.stop)
-    try:
-        config.validate(strict=True)
-    except TypeError:  # older transformers: validate() takes no strict flag
-        config.validate()
-    except ValueError as exc:
-        raise UsageError(f"invalid generation options: {exc}") from None
-    return config
+    seen: str | None = None  # the prompt's text as the model saw it, when it was cut
 
 
 def _prepare(lm: LoadedModel, index: int, prompt: Prompt, opts: GenerationOptions) -> _Prepared:
@@ -226,17 +209,25 @@ def _prepare(lm: LoadedModel, index: int, prompt: Prompt, opts: GenerationOption
                              f"model's {context}-token context")
         limit = context - max_new
     notes = []
+    seen = None
     if len(ids) > limit:
+        if opts.max_length is not None:
+            why = (f"{where} has {len(ids)} tokens; --max-length {opts.max_length} leaves room "
+                   f"for {limit} (and 1 new token)")
+            hint = "raise --max-length, give --max-new-tokens instead, or drop --no-truncate"
+        else:
+            why = (f"{where} has {len(ids)} tokens; with the new tokens it exceeds the "
+                   f"model's {context}-token context")
+            hint = "shorten it, lower --max-new-tokens, or drop --no-truncate"
         if not opts.truncate:
-            raise InputError(f"{where} has {len(ids)} tokens; with the new tokens it "
-                             f"exceeds the model's {context}-token context",
-                             hint="shorten it, lower --max-new-tokens, or drop --no-truncate")
-        notes.append(f"{where} has {len(ids)} tokens; kept its last {limit} to fit "
-                     f"the model's {context}-token context")
+            raise InputError(why, hint=hint)
+        notes.append(f"{why}: kept its last {limit} tokens")
         ids = ids[-limit:]
+        # What the model saw: the record's `text` is this plus the completion.
+        seen = tokenizer.decode(ids, skip_special_tokens=True)
         if opts.max_length is not None:
             max_new = opts.max_length - len(ids)
-    return _Prepared(index, prompt, ids, max(max_new, 1), notes)
+    return _Prepared(index, prompt, ids, max(max_new, 1), notes, seen)
 
 
 def generate(
@@ -322,7 +313,13 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     input_ids = encoded["input_ids"].to(lm.device)  # (B, T) left-padded
     attention_mask = encoded["attention_mask"].to(lm.device)  # (B, T)
     max_new = max(p.max_new for p in batch)
-    streamer = StopAwareStreamer(tokenizer, opts.stop, on_text) if on_text else None
+    eos_ids = _eos_ids(config, tokenizer)
+    streamer = StopAwareStreamer(tokenizer, opts.stop, on_text, eos_ids) if on_text else None
+    # Stop strings on the completion only (nlgen.streaming.StopStrings), one object per batch.
+    stops = StopStrings(tokenizer, opts.stop) if opts.stop else None
+    beams = (config.num_beams or 1) > 1
+    criteria = {"stopping_criteria": _criteria_list(
+        stops.criteria(input_ids.shape[1], note=not beams))} if stops else {}
     # One prompt with plain options: nlgen's lean loop (same tokens); otherwise generate(),
     # where with --seed each prompt samples from its own stream (nlgen.sampling).
     lean = decode.runner(lm, config, rows=len(batch), seeded=opts.seed is not None,
@@ -333,8 +330,8 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     try:
         output = run(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-            max_new_tokens=max_new, tokenizer=tokenizer if opts.stop else None,
-            streamer=streamer, **token_logprobs.request(opts.logprobs),
+            max_new_tokens=max_new, streamer=streamer, **criteria,
+            **token_logprobs.request(opts.logprobs),
         )  # (B * num_return_sequences, T + new)
         output, step_logits = token_logprobs.unpack(output)
     except (ValueError, TypeError) as exc:
@@ -344,26 +341,18 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
         raise UsageError(f"invalid -o value: {first_line(exc)}") from None
     elapsed = time.perf_counter() - started
     new_tokens = output[:, input_ids.shape[1]:].tolist()
-    eos_ids = _eos_ids(config, tokenizer)
     results: list[list[Generation]] = []
     n = opts.num_return_sequences
     for b, item in enumerate(batch):
         gens = []
         for s in range(n):
-            ids = new_tokens[b * n + s][: item.max_new]
-            finish = "length" if len(ids) >= item.max_new else "time"
-            for pos, token in enumerate(ids):
-                if token in eos_ids:
-                    ids, finish = ids[: pos + 1], "eos"
-                    break
-            completion = tokenizer.decode(ids, skip_special_tokens=True)
-            cut = cut_at_stop(completion, opts.stop)
-            if cut is not None:
-                completion, finish = cut, "stop"
+            row = b * n + s
+            ids, completion, finish = completion_end(tokenizer, new_tokens[row], item.max_new,
+                                                     eos_ids, stops, row, noted=not beams)
             stats.new_tokens += len(ids)
             stats.sequences += 1
             gens.append(Generation(item.index, s, item.prompt.text, completion, len(item.ids),
-                                   len(ids), finish, item.prompt.line))
+                                   len(ids), finish, item.prompt.line, seen=item.seen))
         results.append(gens)
     stats.seconds += elapsed
     if step_logits is not None:
@@ -372,6 +361,12 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     if streamer is not None:
         streamer.finish(results[0][0].completion)
     return results
+
+
+def _criteria_list(criterion: Any) -> Any:
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList([criterion])
 
 
 def _eos_ids(config: Any, tokenizer: Any) -> set[int]:

@@ -25,10 +25,22 @@ import functools
 import hashlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from nlgen.errors import UsageError, first_line
+from nlgen.extra_options import kebab
+
+if TYPE_CHECKING:
+    from nlgen.generation import GenerationOptions
+    from nlgen.loading import LoadedModel
 
 log = logging.getLogger("nlgen")
 
+# Sampling as in the GPT-2 examples of the Hugging Face docs ("How to generate text"), used when
+# the model's own generation config does not ask for sampling itself.
+GPT2_SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.95}
+# nlgen's options that only sampling uses.
+SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "typical_p")
 # The GenerationConfig fields that only take effect when sampling (generate's warpers).
 SAMPLING_FIELDS = ("temperature", "top_h", "top_k", "top_p", "min_p", "typical_p",
                    "epsilon_cutoff", "eta_cutoff")
@@ -197,3 +209,69 @@ def seeded_generate(model: Any, input_ids: Any, attention_mask: Any, *, generati
     return model.generate(input_ids=input_ids.repeat_interleave(n, dim=0),
                           attention_mask=attention_mask.repeat_interleave(n, dim=0),
                           generation_config=greedy, logits_processor=processors, **kwargs)
+
+
+def build_generation_config(lm: LoadedModel, opts: GenerationOptions) -> Any:
+    """The model's own generation config, overlaid with our defaults and the user's options.
+
+    Only the user's options can make it an error: the sampling values of the model and of
+    nlgen (GPT2_SAMPLING) are dropped when the user asks for greedy decoding (--greedy,
+    --temperature 0, -o do_sample=false) or beam search.
+    """
+    from transformers import GenerationConfig
+
+    base = lm.generation_config
+    config = copy.deepcopy(base) if base is not None else GenerationConfig()
+    if not config.do_sample:
+        # The model does not ask for sampling itself: sample as in the GPT-2 examples.
+        for key, value in GPT2_SAMPLING.items():
+            setattr(config, key, value)
+    greedy = opts.greedy_decoding
+    if opts.temperature == 0:
+        _say_temperature_zero(opts)
+    if greedy or (opts.num_beams or 1) > 1:
+        # Greedy decoding, or beam search (beam sampling only with -o do_sample=true): the
+        # sampling values of the model and nlgen are unused, and must not make it an error.
+        config.do_sample = False
+        for name in SAMPLING_FIELDS:
+            if hasattr(config, name):
+                setattr(config, name, None)
+    for name in ("min_new_tokens", "temperature", "top_k", "top_p", "min_p", "typical_p",
+                 "repetition_penalty", "no_repeat_ngram_size", "num_beams", "max_time"):
+        value = getattr(opts, name)
+        if value is not None and not (greedy and name in SAMPLING_OPTIONS):
+            setattr(config, name, value)
+    if not greedy and any(getattr(opts, n) is not None for n in ("temperature", "top_p",
+                                                                   "top_k")):
+        config.do_sample = True
+    config.num_return_sequences = opts.num_return_sequences
+    config.pad_token_id = lm.tokenizer.pad_token_id
+    if config.eos_token_id is None:
+        config.eos_token_id = lm.tokenizer.eos_token_id
+    config.max_length = None
+    for key, value in opts.extra:
+        setattr(config, key, value)
+    try:
+        config.validate(strict=True)
+    except TypeError:  # older transformers: validate() takes no strict flag
+        config.validate()
+    except ValueError as exc:
+        raise UsageError(f"invalid generation options: {_first_problem(exc)}") from None
+    return config
+
+
+def _say_temperature_zero(opts: GenerationOptions) -> None:
+    ignored = [f"--{kebab(n)}" for n in SAMPLING_OPTIONS
+               if n != "temperature" and getattr(opts, n) is not None]
+    if ignored:
+        log.warning(f"--temperature 0 is greedy decoding: {', '.join(ignored)} ignored")
+    else:
+        log.info("--temperature 0: greedy decoding (the most likely token at each step)")
+
+
+def _first_problem(exc: BaseException) -> str:
+    """GenerationConfig.validate()'s first listed problem ("- `top_p`: ..."), on one line."""
+    for line in str(exc).splitlines():
+        if line.startswith("- "):
+            return line[2:].strip()
+    return first_line(exc)

@@ -104,12 +104,11 @@ def test_warp_is_generates_warped_distribution(fields):
     (1, True, GenerationOptions()),
     (1, False, GenerationOptions(num_beams=2)),
     (1, False, GenerationOptions(num_return_sequences=2)),
-    (1, False, GenerationOptions(stop=("x",))),
     (1, False, GenerationOptions(typical_p=0.9)),
     (1, False, GenerationOptions(max_time=5.0)),
     (1, False, GenerationOptions(extra=(("output_scores", True),
                                         ("return_dict_in_generate", True)))),
-], ids=["batch", "seed", "beams", "sequences", "stop", "typical", "max-time", "scores"])
+], ids=["batch", "seed", "beams", "sequences", "typical", "max-time", "scores"])
 def test_other_requests_keep_generate(tiny_lm, rows, seeded, opts):
     config = build_generation_config(tiny_lm, opts)
     assert decode.runner(tiny_lm, config, rows=rows, seeded=seeded) is None

@@ -185,7 +185,7 @@ def test_verbose_prints_a_summary_on_stderr_only(gen):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--temperature", "0"], "--temperature must be greater than 0"),
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
     (["--top-p", "2"], "--top-p must be in"),
     (["-n", "0"], "--max-new-tokens must be at least 1"),
     (["--format", "xml"], "Invalid value for '--format'"),

@@ -249,7 +249,7 @@ def test_parse_extra_options_needs_key_value():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1"),
-    ({"temperature": 0}, "--temperature must be greater than 0"),
+    ({"temperature": -1}, "--temperature must be 0 \\(greedy\\) or more"),
     ({"top_p": 1.5}, "--top-p must be in"),
     ({"top_k": -1}, "--top-k must be 0 or more"),
     ({"min_p": 2}, "--min-p must be in"),
