@@ -36,11 +36,11 @@ from nlgen.loading import LoadedModel
 from nlgen.scoring import (
     CHUNK_ELEMENTS,
     Method,
-    Metrics,
     ScoreOptions,
     TextScore,
     safe_exp,
     split_model,
+    text_metrics,
 )
 from nlgen.windows import Batch, Pending, ProgressCallback, WindowResult, WindowRunner
 
@@ -150,7 +150,8 @@ def _result(pending: Pending) -> TextComparison:
                               hint=pending.hint)
     ref, nll, kl, agree = pending.sums
     metrics = Divergence(ref, nll, kl, int(agree), pending.predicted)
-    return TextComparison(pending.input, metrics, len(pending.ids), windows=len(pending.windows))
+    return TextComparison(pending.input, metrics, len(pending.ids), windows=len(pending.windows),
+                          unscored=pending.unscored)
 
 
 class Comparer(WindowRunner):
@@ -271,8 +272,7 @@ class ReferenceScorer:
               progress: ProgressCallback | None = None) -> Iterator[ComparedScore]:
         for r in self.comparer.compare(texts, progress):
             d = r.metrics
-            metrics = None if d is None else Metrics(
-                nll_sum=d.nll_sum, tokens=d.tokens, bytes=len(r.input.text.encode("utf-8")),
-                words=len(r.input.text.split()))
+            metrics = None if d is None else text_metrics(r.input.text, d.nll_sum, d.tokens,
+                                                          r.unscored)
             yield ComparedScore(r.input, metrics, r.input_tokens, r.windows, r.error, r.hint,
-                                divergence=d, reference=self.reference_name)
+                                r.unscored, divergence=d, reference=self.reference_name)

@@ -80,6 +80,7 @@ class ContinuationScore:
     logprob: float = 0.0  # sum over the continuation tokens, nats (float64)
     num_tokens: int = 0  # continuation tokens scored
     num_bytes: int = 0  # UTF-8 bytes of the continuation as given (lm-eval's acc_bytes)
+    num_chars: int = 0  # characters of the continuation as given (lm-eval's acc_norm)
     is_greedy: bool = False  # every continuation token is the argmax at its position
     truncated: bool = False  # the context lost tokens on its left to fit the model
     context_tokens: int = 0  # context tokens the model read (after any truncation)
@@ -310,6 +311,7 @@ class ContinuationScorer:
         return ContinuationScore(
             item.request, logprob=math.fsum(target_lp.tolist()), num_tokens=len(item.continuation),
             num_bytes=len(item.request.continuation.encode("utf-8")),
+            num_chars=len(item.request.continuation),
             is_greedy=bool(greedy.all()), truncated=item.truncated,
             context_tokens=len(item.fed) - len(item.continuation) + 1, tokens=tokens)
 

@@ -5,10 +5,11 @@ and are scored by nlgen.likelihood, which tokenizes exactly as lm-eval's ``logli
 
 - ``{"prompt": p, "completion": c}``: log p(c | p), summed over c's tokens (nats);
 - ``{"prompt": p, "choices": [c0, c1, ...], "label": k}``: log p(ci | p) for each choice;
-  ``pred`` is the choice with the highest log-likelihood, ``pred_norm`` the highest per UTF-8
-  byte of the choice (lm-eval's ``acc_bytes``; its ``acc_norm`` divides by characters, which
-  is the same for ASCII choices), and with a label, ``acc`` and ``acc_norm`` say whether they
-  are right;
+  ``pred`` is the choice with the highest log-likelihood, ``pred_norm`` the highest per
+  character of the choice, ``pred_bytes`` the highest per UTF-8 byte, and with a label,
+  ``acc``, ``acc_norm`` and ``acc_bytes`` say whether they are right: lm-eval's three metrics
+  of a multiple-choice task (``len(choice)`` and ``len(choice.encode("utf-8"))``);
+- a record with both a completion and choices is refused: one of them would be ignored;
 - a plain text line: a completion of an empty prompt (the tokenizer's BOS, else EOS, stands for
   it, as in lm-eval).
 
@@ -90,6 +91,12 @@ def from_record(record: Record, fields: Fields) -> Item:
     if fields.prompt not in row or not isinstance(prompt, str):
         return bad(_missing(row, fields.prompt, "a string"),
                    hint="name the prompt's field with --prompt-field")
+    if fields.choices in row and fields.completion in row \
+            and fields.choices != fields.completion:
+        return bad(f"both {fields.completion!r} and {fields.choices!r} fields: a record is a "
+                   "completion or a multiple choice, not both",
+                   hint="drop one of the two fields, or name the right ones with "
+                   "--completion-field and --choices-field")
     if fields.choices in row:
         choices = row[fields.choices]
         if not isinstance(choices, list) or not choices:
@@ -157,16 +164,28 @@ class RecordScore:
 
     @property
     def pred_norm(self) -> int:
-        """The choice with the highest log-likelihood per UTF-8 byte."""
+        """The choice with the highest log-likelihood per character (lm-eval's acc_norm)."""
+        return _argmax([s.logprob / s.num_chars for s in self.scores])
+
+    @property
+    def pred_bytes(self) -> int:
+        """The choice with the highest log-likelihood per UTF-8 byte (lm-eval's acc_bytes)."""
         return _argmax([s.logprob / s.num_bytes for s in self.scores])
 
     @property
     def acc(self) -> int | None:
-        return None if self.item.label is None else int(self.pred == self.item.label)
+        return self._right(self.pred)
 
     @property
     def acc_norm(self) -> int | None:
-        return None if self.item.label is None else int(self.pred_norm == self.item.label)
+        return self._right(self.pred_norm)
+
+    @property
+    def acc_bytes(self) -> int | None:
+        return self._right(self.pred_bytes)
+
+    def _right(self, pred: int) -> int | None:
+        return None if self.item.label is None else int(pred == self.item.label)
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -181,7 +200,8 @@ class Summary:
     failed: int
     labelled: int  # multiple-choice records with a label
     correct: int
-    correct_norm: int
+    correct_norm: int  # right per character
+    correct_bytes: int = 0  # right per UTF-8 byte
 
     @property
     def acc(self) -> float | None:
@@ -192,6 +212,10 @@ class Summary:
         return self.correct_norm / self.labelled if self.labelled else None
 
     @property
+    def acc_bytes(self) -> float | None:
+        return self.correct_bytes / self.labelled if self.labelled else None
+
+    @property
     def acc_stderr(self) -> float | None:
         """Standard error of acc, as lm-eval reports it: sqrt(p (1 - p) / (n - 1))."""
         return _stderr(self.acc, self.labelled)
@@ -199,6 +223,10 @@ class Summary:
     @property
     def acc_norm_stderr(self) -> float | None:
         return _stderr(self.acc_norm, self.labelled)
+
+    @property
+    def acc_bytes_stderr(self) -> float | None:
+        return _stderr(self.acc_bytes, self.labelled)
 
 
 def _stderr(p: float | None, n: int) -> float | None:
@@ -210,7 +238,8 @@ def summarize(results: Iterable[RecordScore]) -> Summary:
     labelled = [r for r in results if r.ok and r.item.label is not None]
     return Summary(records=sum(r.ok for r in results), failed=sum(not r.ok for r in results),
                    labelled=len(labelled), correct=sum(r.acc or 0 for r in labelled),
-                   correct_norm=sum(r.acc_norm or 0 for r in labelled))
+                   correct_norm=sum(r.acc_norm or 0 for r in labelled),
+                   correct_bytes=sum(r.acc_bytes or 0 for r in labelled))
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -49,9 +49,12 @@ DEFAULT_MAX_LENGTH_CAP = 1024  # the guide's window (GPT-2's context); longer co
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk of the LM head (8 M: 32 MB in float32)
 # How each number is derived from the sums, stated beside every result.
 NORMALISATION = ("perplexity = exp(nll_sum / tokens_scored); nll = nll_sum / tokens_scored "
-                 "(nats/token); bits_per_byte = nll_sum / (ln 2 * UTF-8 bytes); "
-                 "word_perplexity = exp(nll_sum / words), words split on whitespace")
-
+                 "(nats/token); bits_per_byte = nll_sum / (ln 2 * bytes_scored); "
+                 "word_perplexity = exp(nll_sum / words_scored); bytes_scored: the UTF-8 bytes "
+                 "of the scored tokens (the text's, less those of the tokens no window "
+                 "predicts: the first, and each window's first when stride = max_length); "
+                 "words_scored: the whitespace-separated words whose first character is in a "
+                 "scored token")
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,19 @@ class Metrics:
     nll_sum: float  # nats, summed over the scored tokens (float64)
     tokens: int  # tokens scored (predicted), not tokens read
     bytes: int  # UTF-8 bytes of the text(s)
-    words: int  # whitespace-separated words
+    words: int  # whitespace-separated words of the text(s)
+    unscored_bytes: int = 0  # bytes of the tokens that no window predicts
+    unscored_words: int = 0  # words that begin in such a token
+
+    @property
+    def bytes_scored(self) -> int:
+        """UTF-8 bytes of the scored tokens: what bits_per_byte divides by."""
+        return max(self.bytes - self.unscored_bytes, 0)
+
+    @property
+    def words_scored(self) -> int:
+        """Words that begin in a scored token: what word_perplexity divides by."""
+        return max(self.words - self.unscored_words, 0)
 
     @property
     def nll(self) -> float:
@@ -128,11 +143,13 @@ class Metrics:
 
     @property
     def bits_per_byte(self) -> float:
-        return self.nll_sum / (math.log(2) * self.bytes) if self.bytes else math.nan
+        scored = self.bytes_scored
+        return self.nll_sum / (math.log(2) * scored) if scored else math.nan
 
     @property
     def word_perplexity(self) -> float:
-        return safe_exp(self.nll_sum / self.words) if self.words else math.nan
+        scored = self.words_scored
+        return safe_exp(self.nll_sum / scored) if scored else math.nan
 
 
 @dataclass(frozen=True)
@@ -146,7 +163,9 @@ def total(scores: Iterable[TextScore]) -> Metrics:
     """Corpus-level metrics: sums over the scored inputs (token-weighted, like one long text)."""
     good = [s.metrics for s in scores if s.metrics is not None]
     return Metrics(nll_sum=math.fsum(m.nll_sum for m in good), tokens=sum(m.tokens for m in good),
-                   bytes=sum(m.bytes for m in good), words=sum(m.words for m in good))
+                   bytes=sum(m.bytes for m in good), words=sum(m.words for m in good),
+                   unscored_bytes=sum(m.unscored_bytes for m in good),
+                   unscored_words=sum(m.unscored_words for m in good))
 
 
 def safe_exp(x: float) -> float:
@@ -213,10 +232,17 @@ def _result(pending: Pending) -> TextScore:
     if pending.error is not None:
         return TextScore(pending.input, None, len(pending.ids), error=pending.error,
                          hint=pending.hint)
-    text = pending.input.text
-    metrics = Metrics(nll_sum=pending.sums[0], tokens=pending.predicted,
-                      bytes=len(text.encode("utf-8")), words=len(text.split()))
-    return TextScore(pending.input, metrics, len(pending.ids), windows=len(pending.windows))
+    metrics = text_metrics(pending.input.text, pending.sums[0], pending.predicted,
+                           pending.unscored)
+    return TextScore(pending.input, metrics, len(pending.ids), windows=len(pending.windows),
+                     unscored=pending.unscored)
+
+
+def text_metrics(text: str, nll_sum: float, tokens: int, unscored: tuple[int, int]) -> Metrics:
+    """A text's Metrics: its bytes and words, less the `unscored` (bytes, words)."""
+    return Metrics(nll_sum=nll_sum, tokens=tokens, bytes=len(text.encode("utf-8")),
+                   words=len(text.split()), unscored_bytes=unscored[0],
+                   unscored_words=unscored[1])
 
 
 def split_model(model: Any) -> tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]:

@@ -11,6 +11,7 @@ Core module: no typer, no rich, no printing.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 
@@ -43,6 +44,53 @@ class TokenText:
         if self.kind in ("byte_fallback", "metaspace") and piece is not None:
             return text, tuple(piece.replace("\u2581", " ").encode("utf-8"))
         return text, tuple(text.encode("utf-8"))
+
+
+class TokenSizes:
+    """How much of a text each token stands for: its UTF-8 bytes, and the characters they begin.
+
+    A special token (BOS, EOS) stands for nothing. The sizes are exact for byte-level BPE, whose
+    tokens' bytes, end to end, are the text's; for others they are the tokens' own strings.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.text = TokenText(tokenizer)
+        self.special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self._cache: dict[int, tuple[int, int]] = {}
+
+    def __call__(self, token_id: int) -> tuple[int, int]:
+        """(UTF-8 bytes, characters begun): a byte that is no UTF-8 continuation begins one."""
+        found = self._cache.get(token_id)
+        if found is None:
+            raw = () if token_id in self.special else self.text(token_id)[1]
+            found = self._cache[token_id] = (len(raw), sum(b & 0xC0 != 0x80 for b in raw))
+        return found
+
+    def share(self, text: str, ids: Sequence[int],
+              ranges: Iterable[tuple[int, int]]) -> tuple[int, int]:
+        """(UTF-8 bytes, words) of `text` that the tokens ``ids[a:b]`` of `ranges` stand for.
+
+        `ranges` are in order and do not overlap. A word (as ``str.split`` counts them) belongs
+        to the token that holds its first character.
+        """
+        n_bytes = words = 0
+        char = done = 0  # the character where token `done` begins
+        for a, b in ranges:
+            char += sum(self(t)[1] for t in ids[done:a])
+            start = char
+            for t in ids[a:b]:
+                size, chars = self(t)
+                n_bytes += size
+                char += chars
+            words += _words_begun(text, start, char)
+            done = b
+        return n_bytes, words
+
+
+def _words_begun(text: str, start: int, end: int) -> int:
+    """Words of `text` (whitespace-separated) whose first character is in ``[start, end)``."""
+    return sum(1 for i in range(max(start, 0), min(end, len(text)))
+               if not text[i].isspace() and (i == 0 or text[i - 1].isspace()))
 
 
 def _decoder_kind(tokenizer: Any) -> str:

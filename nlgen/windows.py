@@ -9,23 +9,42 @@ group's windows in batches (longest first, so a batch pads little), and adds up,
 its subclass computes per window: one negative log-likelihood for :class:`scoring.Scorer`, four
 sums for :class:`compare.Comparer`. Results come out in input order, group by group, so a
 pipeline sees them while later input is still being read.
+
+A long text is tokenized a piece at a time (:class:`Tokenize`): the tokenizer's working memory
+for a whole text is some 200 bytes per character, its ids 4 bytes per token. What no window
+predicts (the first token; with ``stride == max_length`` each window's first) is measured in
+bytes and words (:meth:`nlgen.token_bytes.TokenSizes.share`), so that per-byte and per-word
+figures divide by what was scored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import re
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from nlgen.inputs import Text
 from nlgen.loading import LoadedModel
 from nlgen.streaming import read_ahead
+from nlgen.token_bytes import TokenSizes
 
 READ_AHEAD_TEXTS = 8  # texts read ahead = batch_size * this, their windows sorted by length
 READ_AHEAD_WINDOWS = 8  # ... or until this many batches of windows are pending
 
 ProgressCallback = Callable[[int, int], None]  # (tokens done so far, tokens known to do)
 Window = tuple[int, int, int]  # (begin, end, first predicted), absolute token indices
+PIECE_CHARS = 1 << 16  # a longer text is tokenized about this many characters at a time
+# Where a text may be cut into pieces: before a space between two ASCII letters, after a line
+# break between two non-space characters. Regex pre-tokenizers (GPT-2's, Llama 3's) start a new
+# word there whatever comes before or after, so the pieces' tokens are the whole text's (a run
+# of spaces or line breaks may be split otherwise: no cut in one). Tokenize checks that on a
+# probe before it cuts.
+_CUT = re.compile(r"(?<=[A-Za-z])(?= [A-Za-z])|(?<=\S)\n(?=\S)")
+_PROBE = ("It was the best of times.\nIt was 1984 (or 2001)\n\u201cQuoted\u201d, "
+          "caf\u00e9 na\u00efve\n\u65e5\u672c\u8a9e\t tabs  and   spaces\n"
+          "'tis\n-- dashes --\n42\nLet's say it's done.\n\nEnd")
 
 
 def plan_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
@@ -47,15 +66,82 @@ def plan_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
     return windows
 
 
-def special_tokens_added(tokenizer: Any) -> tuple[bool, bool]:
-    """(BOS prepended, EOS appended): what this tokenizer adds around a plain text."""
+def unscored_ranges(windows: Sequence[Window], n_tokens: int) -> list[tuple[int, int]]:
+    """The token ranges ``[a, b)`` that no window predicts (the windows as plan_windows gives)."""
+    gaps = []
+    at = 0
+    for _, end, first in windows:
+        if first > at:
+            gaps.append((at, first))
+        at = end
+    if at < n_tokens:
+        gaps.append((at, n_tokens))
+    return gaps
+
+
+def special_ids(tokenizer: Any) -> tuple[list[int], list[int]] | None:
+    """(ids before, ids after) what this tokenizer adds around a plain text; None if unclear."""
     probe = "a b"
     with_special = list(tokenizer(probe)["input_ids"])
     plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
     for offset in range(len(with_special) - len(plain) + 1):
         if with_special[offset:offset + len(plain)] == plain:
-            return offset > 0, offset + len(plain) < len(with_special)
-    return False, False
+            return with_special[:offset], with_special[offset + len(plain):]
+    return None
+
+
+def special_tokens_added(tokenizer: Any) -> tuple[bool, bool]:
+    """(BOS prepended, EOS appended): what this tokenizer adds around a plain text."""
+    found = special_ids(tokenizer)
+    return (bool(found[0]), bool(found[1])) if found is not None else (False, False)
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in pieces of at least `size` characters, cut only where _CUT allows."""
+    start = 0
+    while True:
+        cut = _CUT.search(text, start + size) if len(text) - start > size else None
+        if cut is None:
+            yield text[start:]
+            return
+        yield text[start:cut.end()]
+        start = cut.end()
+
+
+class Tokenize:
+    """A text's token ids, with the tokenizer's special tokens; a long text a piece at a time.
+
+    Pieces are used only when the tokenizer gives a probe text the same ids in pieces as whole
+    (it splits words before merging them, and adds nothing at the start of each piece); else,
+    and for a text with no place to cut, the whole text goes through the tokenizer at once.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.around = special_ids(tokenizer)
+        self.in_pieces = self.around is not None and self._same_in_pieces()
+
+    def _same_in_pieces(self) -> bool:
+        if getattr(getattr(self.tokenizer, "backend_tokenizer", None), "pre_tokenizer",
+                   None) is None:
+            return False  # no word split first: a merge may cross a line break
+        whole = self._plain(_PROBE)
+        parts = [t for part in pieces(_PROBE, size=1) for t in self._plain(part)]
+        return len(list(pieces(_PROBE, size=1))) > 5 and parts == whole
+
+    def _plain(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def __call__(self, text: str) -> Sequence[int]:
+        if not self.in_pieces or len(text) <= PIECE_CHARS:
+            return array("i", self.tokenizer(text)["input_ids"])
+        assert self.around is not None
+        before, after = self.around
+        ids = array("i", before)
+        for part in pieces(text):
+            ids.extend(self._plain(part))
+        ids.extend(after)
+        return ids
 
 
 @dataclass
@@ -63,9 +149,10 @@ class Pending:
     """A text in progress: its tokens, its windows, what they have added up to so far."""
 
     input: Text
-    ids: list[int] = field(default_factory=list)
+    ids: Sequence[int] = field(default_factory=list)
     windows: list[Window] = field(default_factory=list)
     sums: list[float] = field(default_factory=list)  # one per quantity the runner adds up
+    unscored: tuple[int, int] = (0, 0)  # (UTF-8 bytes, words) of the tokens no window predicts
     error: str | None = None
     hint: str | None = None
 
@@ -84,6 +171,7 @@ class WindowResult:
     windows: int = 0
     error: str | None = None
     hint: str | None = None
+    unscored: tuple[int, int] = (0, 0)  # (UTF-8 bytes, words) of the text no window predicts
 
     @property
     def ok(self) -> bool:
@@ -113,6 +201,8 @@ class WindowRunner:
         self.opts = opts  # scoring.ScoreOptions: max_length, stride, batch_size
         self.max_length, self.stride = opts.resolve(context or lm.context_length)
         self.bos, self.eos = special_tokens_added(lm.tokenizer)
+        self.tokenize = Tokenize(lm.tokenizer)
+        self.sizes = TokenSizes(lm.tokenizer)
         pad = lm.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else 0
         self.shard = shard  # (rank, ranks): run every ranks-th window of each group
@@ -143,7 +233,7 @@ class WindowRunner:
         elif not item.text.strip():
             pending.error = f"{item.label}: empty text, nothing to {self.verb}"
         else:
-            pending.ids = list(self.lm.tokenizer(item.text)["input_ids"])
+            pending.ids = self.tokenize(item.text)
             self.plan(pending)
         return pending
 
@@ -155,6 +245,9 @@ class WindowRunner:
         else:
             pending.windows = plan_windows(len(pending.ids), self.max_length, self.stride)
             pending.sums = [0.0] * self.quantities
+            if pending.input.text:
+                gaps = unscored_ranges(pending.windows, len(pending.ids))
+                pending.unscored = self.sizes.share(pending.input.text, pending.ids, gaps)
         return pending
 
     def _run_group(self, group: list[Pending],

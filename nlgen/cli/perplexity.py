@@ -216,10 +216,12 @@ class _Run:
         """--output: the corpus total of every record in the file, this run's and earlier."""
         with open(output, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        summed = scoring.Metrics(nll_sum=math.fsum(r["nll_sum"] for r in rows),
-                                 tokens=sum(r["tokens"] for r in rows),
-                                 bytes=sum(r["bytes"] for r in rows),
-                                 words=sum(r["words"] for r in rows))
+        # A record written before bytes_scored existed counted the text's bytes (and words).
+        summed = scoring.Metrics(
+            nll_sum=math.fsum(r["nll_sum"] for r in rows), tokens=sum(r["tokens"] for r in rows),
+            bytes=sum(r["bytes"] for r in rows), words=sum(r["words"] for r in rows),
+            unscored_bytes=sum(r["bytes"] - r.get("bytes_scored", r["bytes"]) for r in rows),
+            unscored_words=sum(r["words"] - r.get("words_scored", r["words"]) for r in rows))
         earlier = f", {resumed} from the resumed run" if resumed else ""
         console.notice(f"{output}: {console.plural(len(rows), 'record')}{earlier}; perplexity "
                        f"{_short(summed.perplexity)}, {summed.bits_per_byte:.4f} bits/byte over "
@@ -260,7 +262,8 @@ def _num(x: float) -> float | None:
 def _metrics(m: scoring.Metrics) -> dict[str, Any]:
     return {"perplexity": _num(m.perplexity), "nll": _num(m.nll),
             "bits_per_byte": _num(m.bits_per_byte), "word_perplexity": _num(m.word_perplexity),
-            "tokens": m.tokens, "bytes": m.bytes, "words": m.words, "nll_sum": m.nll_sum}
+            "tokens": m.tokens, "bytes": m.bytes, "words": m.words,
+            "bytes_scored": m.bytes_scored, "words_scored": m.words_scored, "nll_sum": m.nll_sum}
 
 
 def _record(result: scoring.TextScore, model: str, method: scoring.Method,
@@ -302,13 +305,14 @@ def _print_table(results: list[scoring.TextScore], model: str, method: scoring.M
     table = Table(title=f"Perplexity: {model}", title_justify="left")
     widest = max(len(r.input.label) for r in good)
     table.add_column("input", overflow="fold", min_width=min(widest, 32))
-    for name in ("ppl", "nll/token", "bits/byte", "word ppl", "tokens", "bytes", "words",
-                 *comparison.headers(good)):
+    for name in ("ppl", "nll/token", "bits/byte", "word ppl", "tokens", "bytes\nscored",
+                 "words\nscored", *comparison.headers(good)):
         table.add_column(name, justify="right", no_wrap=True)
 
     def row(label: str, m: scoring.Metrics, compared: dict[str, Any], **style: Any) -> None:
         table.add_row(label, _short(m.perplexity), f"{m.nll:.4f}", f"{m.bits_per_byte:.4f}",
-                      _short(m.word_perplexity), str(m.tokens), str(m.bytes), str(m.words),
+                      _short(m.word_perplexity), str(m.tokens), str(m.bytes_scored),
+                      str(m.words_scored),
                       *comparison.cells(compared), **style)
 
     for r in good:

@@ -80,13 +80,15 @@ def score(
     token log-probs summed, nats), num_tokens, num_bytes, is_greedy (every token the model's
     first choice) and truncated (the prompt lost tokens on its left). {"prompt", "choices",
     "label"?} gets logprobs (one a choice; the other keys become lists), pred (highest
-    logprob), pred_norm (highest per byte) and, with a label, acc and acc_norm (1 or 0). The
-    input's fields come back too. Tokenisation as lm-eval's loglikelihood. With --reference:
+    logprob), pred_norm (highest per character), pred_bytes (highest per UTF-8 byte) and, with
+    a label, acc, acc_norm and acc_bytes (1 or 0), as lm-eval defines them. The input's fields
+    come back too. Tokenisation as lm-eval's loglikelihood. With --reference:
     reference_logprob(s), the reference model's (with its own tokenizer).
 
-    acc and acc_norm over the file (with standard errors) close the run on stderr, or sit in
-    the document's "summary" with --format json. A bad record is one Error line naming its
-    file and line; the others are still scored, and the exit code is 1.
+    acc, acc_norm and acc_bytes over the file (with standard errors) close the run on stderr,
+    or sit in the document's "summary" with --format json. A bad record (one with both a
+    completion and choices among them) is one Error line naming its file and line; the others
+    are still scored, and the exit code is 1.
 
     Examples:
 

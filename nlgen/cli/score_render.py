@@ -37,10 +37,11 @@ def record(result: records.RecordScore, want_tokens: bool) -> dict[str, Any]:
         return out
     out.update(logprobs=[_num(s.logprob) for s in scores],
                num_tokens=[s.num_tokens for s in scores], num_bytes=[s.num_bytes for s in scores],
+               num_chars=[s.num_chars for s in scores],
                is_greedy=[s.is_greedy for s in scores], truncated=[s.truncated for s in scores],
-               pred=result.pred, pred_norm=result.pred_norm)
+               pred=result.pred, pred_norm=result.pred_norm, pred_bytes=result.pred_bytes)
     if result.item.label is not None:
-        out.update(acc=result.acc, acc_norm=result.acc_norm)
+        out.update(acc=result.acc, acc_norm=result.acc_norm, acc_bytes=result.acc_bytes)
     if ref:
         out["reference_logprobs"] = [_num(s.logprob) for s in ref]
     if want_tokens:
@@ -51,7 +52,8 @@ def record(result: records.RecordScore, want_tokens: bool) -> dict[str, Any]:
 def summary_fields(summary: records.Summary) -> dict[str, Any]:
     return {"records": summary.records, "failed": summary.failed, "labelled": summary.labelled,
             "acc": summary.acc, "acc_stderr": summary.acc_stderr, "acc_norm": summary.acc_norm,
-            "acc_norm_stderr": summary.acc_norm_stderr}
+            "acc_norm_stderr": summary.acc_norm_stderr, "acc_bytes": summary.acc_bytes,
+            "acc_bytes_stderr": summary.acc_bytes_stderr}
 
 
 def document(results: Sequence[records.RecordScore], summary: records.Summary, model: str,
@@ -70,8 +72,10 @@ def document(results: Sequence[records.RecordScore], summary: records.Summary, m
 def accuracy_line(summary: records.Summary) -> str:
     """The closing line of a multiple-choice run (stderr)."""
     assert summary.acc is not None and summary.acc_norm is not None
+    assert summary.acc_bytes is not None
     return (f"acc {summary.acc:.4f}{_pm(summary.acc_stderr)}, acc_norm "
-            f"{summary.acc_norm:.4f}{_pm(summary.acc_norm_stderr)} over "
+            f"{summary.acc_norm:.4f}{_pm(summary.acc_norm_stderr)} (per character), acc_bytes "
+            f"{summary.acc_bytes:.4f}{_pm(summary.acc_bytes_stderr)} (per byte) over "
             f"{console.plural(summary.labelled, 'labelled record')}")
 
 
@@ -108,7 +112,8 @@ def table(results: Sequence[records.RecordScore], model: str, reference: str | N
 
 def _marks(r: records.RecordScore, i: int) -> str:
     marks = [name for name, index in (("pred", r.pred), ("pred_norm", r.pred_norm),
-                                      ("label", r.item.label)) if index == i]
+                                      ("pred_bytes", r.pred_bytes), ("label", r.item.label))
+             if index == i]
     return ", ".join(marks)
 
 
