@@ -13,13 +13,15 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nlgen.compare import ReferenceContext
+if TYPE_CHECKING:  # nlgen.compare imports nlgen.loading, which reads adapter directories here
+    from nlgen.compare import ReferenceContext
 
 
 def adapter_base(model_dir: str) -> str | None:
-    """The base model a LoRA adapter directory names (adapter_config.json), else None."""
+    """The base model a LoRA adapter directory names (adapter_config.json), else None: as
+    ``nlgen finetune --model`` was given it (``builtin``, a Hub id, a path)."""
     path = Path(model_dir).expanduser() / "adapter_config.json"
     if not path.is_file():
         return None

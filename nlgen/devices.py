@@ -95,6 +95,27 @@ def resolve_dtype(dtype: str, device: str, purpose: str = "generate") -> str:
     return "float32"
 
 
+# ----------------------------------------------------------------------------- processes
+
+
+def process_alive(pid: int) -> bool:
+    """Is process ``pid`` (on this machine) still running? A zombie, dead but not yet reaped
+    by its parent, is not."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            if f.read().rpartition(")")[2].split()[:1] == ["Z"]:
+                return False
+    except OSError:
+        pass  # gone, or no /proc here: os.kill decides
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, another user's
+        return True
+    return True
+
+
 # ----------------------------------------------------------------------------- CPU threads
 
 

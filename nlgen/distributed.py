@@ -17,11 +17,14 @@ import logging
 import math
 import os
 import pickle
+import socket
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from nlgen.devices import process_alive
 from nlgen.errors import NlgenError, UsageError
 
 log = logging.getLogger("nlgen")
@@ -84,13 +87,9 @@ def is_distributed() -> bool:
 
 
 def device_for_rank(requested: str = "auto") -> str:
-    """The ``--device`` this rank should load its model on.
-
-    One process: ``requested`` unchanged (``nlgen.devices.resolve_device`` decides). Several: each
-    rank takes its own GPU, ``cuda:LOCAL_RANK``, when CUDA is asked for (or ``auto`` finds it);
-    otherwise the CPU. An explicit ``cuda:N`` would put every rank on the same GPU, so under a
-    launcher it means "CUDA" too.
-    """
+    """The ``--device`` this rank loads its model on: one process, ``requested`` unchanged;
+    several, each its own GPU (``cuda:LOCAL_RANK``) when CUDA is asked for or found, else the
+    CPU. Under a launcher ``cuda:N`` means "CUDA" too (else every rank shares one GPU)."""
     if not is_distributed():
         return requested
     if requested == "mps":
@@ -116,11 +115,10 @@ def device_for_rank(requested: str = "auto") -> str:
 def init(device: str = "cpu", timeout_s: float | None = None) -> bool:
     """Join the process group once, when launched with WORLD_SIZE > 1.
 
-    Returns True when this call created the group (then :func:`shutdown` destroys it); False
-    with one process, or when someone else (accelerate, a caller) already set it up.
-    CUDA ranks get ``cpu:gloo,cuda:nccl``: NCCL for tensors on the GPU, while the object
-    collectives of :func:`gather_in_order` (pickled results) and :func:`reduce_sums` stay on
-    the CPU through gloo, with no copies to and from the GPU.
+    True when this call created the group (:func:`shutdown` destroys it); False with one
+    process, or when someone else (accelerate) set it up. CUDA ranks get
+    ``cpu:gloo,cuda:nccl``: NCCL for GPU tensors, gloo for the object collectives of
+    :func:`gather_in_order` and :func:`reduce_sums` (no copies to and from the GPU).
     """
     global _owned_group
     if not is_distributed():
@@ -144,7 +142,39 @@ def init(device: str = "cpu", timeout_s: float | None = None) -> bool:
     dist.init_process_group(backend=backend, **kwargs)
     _owned_group = True
     log.info("rank %d of %d joined the process group (%s)", rank(), world_size(), backend)
+    know_peers()
     return True
+
+
+_peers: list[tuple[str, int]] = []  # (host, pid) of every rank, once know_peers() ran
+
+
+def know_peers() -> None:
+    """Every rank's host and pid on every rank (one collective; every rank calls it at the
+    same point: :func:`init` does, finetune once accelerate set up the group)."""
+    global _peers
+    if not _peers and is_distributed():
+        table: list[Any] = [None] * world_size()
+        _require_group().all_gather_object(table, (socket.gethostname(), os.getpid()))
+        _peers = [tuple(entry) for entry in table]
+
+
+def peer_failure(*, resumable: bool) -> DistributedError | None:
+    """Rank 0's one-line error when another rank (on this host) is gone, else None: the
+    launcher ends the job at once, so rank 0 sees a collective whose peer left, or SIGTERM.
+    ``resumable``: the job keeps its work (--output, checkpoints) for --resume."""
+    host, lost = socket.gethostname(), []
+    for _ in range(40 if _peers and is_distributed() else 0):
+        lost = [r for r, (peer_host, pid) in enumerate(_peers)
+                if r != rank() and peer_host == host and not process_alive(pid)]
+        if lost:
+            who = ("rank " if len(lost) == 1 else "ranks ") + ", ".join(map(str, lost))
+            again = "; rerun with --resume to continue" if resumable else ""
+            return DistributedError(f"{who} stopped before the job was done{again}",
+                                    hint=f"{who}'s own output, if any, says why (a kill, or "
+                                    "the out-of-memory killer)", origin_rank=lost[0])
+        time.sleep(0.05)  # its sockets close a moment before its process is seen to end
+    return None
 
 
 def shutdown() -> None:
@@ -185,26 +215,17 @@ def shard(items: Iterable[T], *, this_rank: int | None = None,
           ranks: int | None = None) -> Iterator[T]:
     """This rank's share of ``items``: item i goes to rank ``i % world``.
 
-    Round-robin rather than contiguous blocks, because:
-    - it needs no length: prompts may stream from a pipe with no end in sight;
-    - it streams: after each round of :func:`gather_in_order`, every rank has done a stretch of
-      the *same* region of the input, so rank 0 can write a contiguous prefix at once. With
-      blocks, rank 1's results would wait (in memory) until rank 0 finished its whole block;
-    - it balances: inputs whose cost drifts along the file (long texts together) are spread.
-    Every rank reads the whole input and keeps its own items, so inputs must be files (or
-    arguments) every rank can read: STDIN is one pipe the ranks would split between them at
-    random. Pass ``enumerate(items)`` to keep each item's global index.
+    Round-robin, not blocks: it needs no length (a pipe), it streams (after each round of
+    :func:`gather_in_order` every rank has done the *same* region, so rank 0 writes a prefix at
+    once; with blocks rank 1's results would wait for rank 0's whole block), and it spreads
+    costs that drift along the file. Every rank reads the whole input, so inputs must be files
+    every rank can read, not STDIN. Pass ``enumerate(items)`` to keep the global index.
     """
     r = rank() if this_rank is None else this_rank
     w = world_size() if ranks is None else ranks
     if not 0 <= r < w:
         raise ValueError(f"rank {r} is outside a world of {w}")
     return itertools.islice(items, r, None, w)
-
-
-def shard_indices(n: int) -> range:
-    """The indices of ``range(n)`` that this rank takes (as :func:`shard`)."""
-    return range(rank(), n, world_size())
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -221,12 +242,10 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def reduce_sums(values: Sequence[float]) -> list[float]:
-    """Element-wise sums of ``values`` over all ranks, the same on every rank.
+    """Element-wise sums of ``values`` (as many on every rank) over all ranks, everywhere.
 
-    Every rank must pass as many values. The parts are gathered as float64 and added with
-    :func:`math.fsum`, which rounds once: the total is exact to float64 and does not depend on
-    the order of the ranks or the reduction algorithm (an all_reduce sums in an order of its
-    own, so its last digits can vary with the world size).
+    Gathered as float64 and added with :func:`math.fsum`, which rounds once: exact to float64
+    whatever the order of the ranks (an all_reduce's last digits vary with the world size).
     """
     if not is_distributed():
         return [float(v) for v in values]
@@ -249,18 +268,16 @@ def gather_in_order(local_results: Iterable[tuple[K, T]], *,
                     round_size: int = DEFAULT_ROUND_SIZE) -> Iterator[tuple[K, T]]:
     """Rank 0 yields every rank's ``(key, result)`` in global key order, as results come in.
 
-    Each rank passes its own results as ``(key, result)`` pairs, keys non-decreasing (the global
-    index, or ``(index, sequence)``), each key produced by one rank only. Other ranks yield
-    nothing but must still iterate, since the work happens while they do.
+    Each rank passes ``(key, result)`` pairs, keys non-decreasing (the global index, or
+    ``(index, sequence)``), each key from one rank only. Other ranks yield nothing but must
+    iterate, since the work happens while they do.
 
-    The ranks go in rounds: each takes up to ``round_size`` results from its iterator, then all
-    meet in one ``gather_object`` to rank 0 and one broadcast of what happens next. A rank whose
-    share is used up keeps joining the rounds with nothing until every rank is done, so unequal
-    shares cannot leave a rank waiting in a collective nobody else joins. An exception on any
-    rank travels in the same round: every rank stops, the failing one re-raising its own
-    exception, the others a :class:`DistributedError` with its message. Rank 0 yields a result
-    once no rank can still produce a smaller key (every unfinished rank has reported a key at
-    least as large), so gaps in the keys (skipped inputs) hold nothing up.
+    In rounds: each rank takes up to ``round_size`` results, then all meet in one
+    ``gather_object`` to rank 0 and one broadcast of what happens next. A rank whose share is
+    used up joins the rounds with nothing until all are done (no rank waits in a collective
+    nobody joins). An exception on any rank travels in the same round: every rank stops, the
+    failing one with its own exception, the others a :class:`DistributedError`. Rank 0 yields
+    a result once no unfinished rank can produce a smaller key, so gaps hold nothing up.
 
     Close the iterator (``contextlib.closing``) when rank 0 stops early, so that the others are
     told to stop instead of waiting for the next round.

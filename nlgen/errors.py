@@ -6,6 +6,9 @@ exit code below; anything else is a bug and shows its traceback only with ``NLGE
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 # Documented exit codes (README, "Exit codes").
 EXIT_OK = 0
 EXIT_FAILURE = 1  # a runtime failure: model cannot load, file unreadable, ...
@@ -49,3 +52,35 @@ def first_line(exc: BaseException) -> str:
     """
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def write_failure(exc: BaseException, where: Path | None = None) -> str | None:
+    """Why a write failed, in a few words, or None when ``exc`` is not a failed write.
+
+    An OSError's strerror ("No space left on device"); safetensors' writer raises an error of
+    its own that holds the OS error's text; torch's archive writer a RuntimeError ("unexpected
+    pos ...") that says nothing, so a full file system at ``where`` is taken as the cause.
+    """
+    if isinstance(exc, OSError):
+        return exc.strerror or first_line(exc)
+    text = first_line(exc)
+    if "No space left" in text or "StorageFull" in text:
+        return "No space left on device"
+    if type(exc).__name__ == "SafetensorError":
+        return text
+    if where is not None and disk_full(where):
+        return "No space left on device"
+    return None
+
+
+def disk_full(path: Path) -> bool:
+    """Is the file system that holds ``path`` (or its nearest existing parent) full, to a
+    few megabytes?"""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stat = os.statvfs(path)
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return False
+    return stat.f_bavail * stat.f_frsize < 16 * 2**20

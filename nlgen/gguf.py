@@ -12,10 +12,12 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
-from nlgen.errors import ModelError, OutputError, first_line
+from nlgen.devices import process_alive
+from nlgen.errors import ModelError, OutputError, first_line, write_failure
 
 log = logging.getLogger("nlgen")
 
@@ -54,9 +56,11 @@ def check_magic(gguf: Path) -> None:
                          "with 'GGUF')", hint="pass a .gguf model file, e.g. from llama.cpp")
 
 
-def _cache_error(path: Path, exc: OSError) -> OutputError:
-    return OutputError(f"cannot write the model cache at {path}: {exc.strerror or exc}",
-                       hint="set NLGEN_CACHE to a writable directory")
+def _cache_error(path: Path, exc: Exception) -> OutputError:
+    why = write_failure(exc) or first_line(exc)
+    return OutputError(f"cannot write the model cache at {path}: {why}",
+                       hint="free some space, or set NLGEN_CACHE to a writable directory "
+                       "with room")
 
 
 def converted_dir(gguf: Path) -> Path:
@@ -79,10 +83,45 @@ def converted_dir(gguf: Path) -> Path:
         raise _cache_error(target.parent, exc) from None
     try:
         if not (target / "config.json").is_file():  # another process may have converted it
+            remove_stale_temporaries(target)
             _convert(gguf, target)
     finally:
         lock.release()
     return target
+
+
+TMP_MARK = ".tmp-"  # ENTRY.tmp-HOST-PID-RANDOM: a conversion in progress, or a killed one's
+
+
+def _temporary_dir(target: Path) -> Path:
+    """A temporary sibling of ``target`` that names its host and process, so that a later run
+    can tell a live conversion's from one a kill -9 left behind."""
+    prefix = f"{target.name}{TMP_MARK}{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Remove what killed conversions left in the cache: every temporary of ``target`` (whose
+    lock we hold), and the others whose process, on this host, is gone."""
+    host = socket.gethostname().replace("-", "_")
+    for tmp in target.parent.glob(f"*{TMP_MARK}*"):
+        entry, _, tail = tmp.name.rpartition(TMP_MARK)
+        parts = tail.rsplit("-", 2)
+        mine = entry == target.name
+        if mine or (len(parts) == 3 and parts[0] == host and parts[1].isdigit()
+                    and not process_alive(int(parts[1]))):
+            log.info("removing %s, left by a conversion that was killed", tmp.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def umask_modes(directory: Path) -> None:
+    """Files and folders as the umask makes any other: mkdtemp makes 0700, and safetensors
+    writes its file through a temporary one of mode 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for path in directory.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _convert(gguf: Path, target: Path) -> None:
@@ -106,15 +145,18 @@ def _convert(gguf: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    from safetensors import SafetensorError
+
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        tmp = _temporary_dir(target)
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            umask_modes(tmp)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # a full disk is the usual one
         raise _cache_error(target.parent, exc) from None
 
 

@@ -94,15 +94,18 @@ def lean_weights(directory: Path, dtype: str, quantize: str,
 
 
 def full_model(source: str, device: str, dtype: str, quantize: str, cache: Path | None,
-                kwargs: dict[str, Any]) -> tuple[Any, str]:
-    """transformers' model, quantized as asked, in eval mode on ``device``."""
+                kwargs: dict[str, Any], base: str | None = None) -> tuple[Any, str]:
+    """transformers' model, quantized as asked, in eval mode on ``device``. ``base``: where
+    the base model of the LoRA adapter directory ``source`` is read from."""
     import torch
     from transformers import AutoModelForCausalLM
 
     load_dtype = "float32" if quantize != "none" else dtype  # quantize from the float32 weights
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=getattr(torch, load_dtype), use_safetensors=True, **kwargs
+        base or source, dtype=getattr(torch, load_dtype), use_safetensors=True, **kwargs
     )
+    if base is not None:
+        model.load_adapter(source)
     if quantize != "none":
         quantize = quantized.quantize_model(model, quantize, cache=cache)
         # Cast to the compute dtype, but keep the RoPE frequencies in float32, as

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from nlgen import gguf, loaders, quantized
+from nlgen import adapters, gguf, loaders, quantized
 from nlgen.devices import (
     check_device_spec,
     check_dtype_spec,
@@ -325,6 +325,28 @@ def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: st
         raise
 
 
+def adapter_base_source(directory: Path) -> str | None:
+    """Where the base model of a LoRA adapter directory is read from; None for a model.
+
+    adapter_config.json names it as ``nlgen finetune --model`` was given: builtin, a .gguf
+    file, a Hub id, or a directory (relative to where finetune ran, else to the adapter's
+    own folder).
+    """
+    base = None if (directory / "config.json").is_file() else adapters.adapter_base(
+        str(directory))
+    if base is None:
+        return None
+    if not Path(base).expanduser().exists() and (directory.parent / base).exists():
+        base = str(directory.parent / base)
+    try:
+        spec = resolve_spec(base)
+    except ModelError as exc:
+        raise ModelError(f"{exc.message} (the base model that {directory.name}/"
+                         "adapter_config.json names)", hint=exc.hint) from None
+    return str(gguf.converted_dir(Path(spec.path))) if spec.kind in ("builtin", "gguf") \
+        else spec.path
+
+
 def _load_pretrained(
     source: str, display: str, device: str, dtype: str, trust: bool, purpose: str,
     *, local_only: bool, model_id: str, quantize: str = "none", cache: Path | None = None,
@@ -341,8 +363,10 @@ def _load_pretrained(
     quantize = quantized.choose(quantize, device=device, dtype=dtype, cacheable=bool(cache))
     kwargs: dict[str, Any] = {"trust_remote_code": trust, "local_files_only": local_only}
 
+    base = adapter_base_source(Path(source)) if Path(source).is_dir() else None
+
     def full() -> tuple[Any, str]:
-        return loaders.full_model(source, device, dtype, quantize, cache, kwargs)
+        return loaders.full_model(source, device, dtype, quantize, cache, kwargs, base)
 
     if Path(source).is_dir():
         loaders.check_tokenizer_files(Path(source), display)

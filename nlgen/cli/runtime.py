@@ -1,7 +1,8 @@
 """What every command shares at run time: error mapping, Ctrl-C, closed pipes.
 
 Errors are mapped in one place to one line on stderr and a documented exit code:
-``NlgenError`` -> its own code (1 or 2), Ctrl-C -> 130, a reader that closed the pipe -> 0,
+``NlgenError`` -> its own code (1 or 2), Ctrl-C or SIGTERM -> 130, a reader that closed the
+pipe -> 0, a stdout that refuses writes (a full disk) -> 1,
 anything unexpected -> 1 with a hint to set NLGEN_DEBUG=1 for the traceback.
 """
 
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn, TypeVar
 
 import typer
 
@@ -37,18 +41,17 @@ def guard(command: F) -> F:
         setup_logging(verbose=bool(kwargs.get("verbose")),
                       quiet=bool(kwargs.get("quiet")) or not main)
         try:
-            return command(*args, **kwargs)
+            with terminate_as_interrupt():
+                return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except NlgenError as exc:
-            if debug_enabled():
-                raise
-            flush_stdout_quietly()
-            if main:
-                error(_with_origin(exc, kwargs.get("ctx")), exc.hint)
-            raise typer.Exit(exc.exit_code) from None
+            _fail(exc, main, kwargs.get("ctx"))
         except KeyboardInterrupt:
             _end_line_quietly()  # what was printed stays intact, its last line ended
+            lost = _lost_peer(kwargs) if _terminated else None
+            if lost is not None:  # the launcher stopped us because another rank died
+                _fail(lost, main, None)
             if main:
                 error("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -57,6 +60,9 @@ def guard(command: F) -> F:
             silence_stdout()
             raise typer.Exit(EXIT_OK) from None
         except Exception as exc:
+            lost = _lost_peer(kwargs)  # a collective that lost its peer
+            if lost is not None:
+                _fail(lost, main, None)
             if debug_enabled():
                 raise
             flush_stdout_quietly()
@@ -65,6 +71,47 @@ def guard(command: F) -> F:
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(exc: NlgenError, main: bool, ctx: typer.Context | None) -> NoReturn:
+    if debug_enabled():
+        raise exc
+    flush_stdout_quietly()
+    if main:
+        error(_with_origin(exc, ctx), exc.hint)
+    raise typer.Exit(exc.exit_code) from None
+
+
+def _lost_peer(kwargs: dict[str, Any]) -> NlgenError | None:
+    """Under a launcher, rank 0's error when another rank of the job is gone (killed, out of
+    memory): a job with --output continues with --resume."""
+    try:
+        return distributed.peer_failure(resumable=bool(kwargs.get("output")))
+    except Exception:  # never let the diagnosis hide the failure itself
+        return None
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what schedulers, containers and launchers send before a kill) does what Ctrl-C
+    does: the command stops cleanly, with exit code 130, and finetune saves a checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_terminated = False  # the interruption was a SIGTERM (under a launcher: a rank may be lost)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
 
 
 def is_main_process() -> bool:

@@ -14,12 +14,15 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from nlgen.errors import InputError, OutputError, UsageError
+from nlgen.errors import InputError, OutputError, UsageError, write_failure
 from nlgen.finetune.options import FinetuneOptions
+from nlgen.gguf import umask_modes
 from nlgen.inputs import STDIN, Source
 
 RECORD = "nlgen_run.json"
@@ -49,13 +52,67 @@ def checkpoint_dir_for(output: Path) -> Path:
     return output.with_name(output.name + ".checkpoints")
 
 
-def last_checkpoint(directory: Path) -> Path | None:
+def checkpoints_in(directory: Path) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) of every ``checkpoint-N`` folder. The Trainer writes the state
+    file last: a checkpoint is complete when that file is there and whole."""
     if not directory.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in directory.iterdir()
-             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
-             and (p / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
+        return []
+    found = []
+    for p in directory.iterdir():
+        if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)):
+            try:
+                complete = isinstance(json.loads((p / "trainer_state.json").read_text()), dict)
+            except (OSError, ValueError):
+                complete = False
+            found.append((int(m.group(1)), p, complete))
+    return sorted(found)
+
+
+def last_checkpoint(directory: Path) -> Path | None:
+    complete = [p for _, p, ok in checkpoints_in(directory) if ok]
+    return complete[-1] if complete else None
+
+
+def after_write_failure(checkpoints: Path) -> str:
+    """Clear what a failed write left (half a checkpoint; a checkpoints folder with none
+    whole); the hint: how to go on."""
+    remove_incomplete_checkpoints(checkpoints)
+    last = last_checkpoint(checkpoints)
+    if last is None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        return "free some space, then run again"
+    return f"free some space, then rerun with --resume (from step {checkpoint_step(last)})"
+
+
+def remove_incomplete_checkpoints(directory: Path) -> None:
+    """What a failed or killed save left: a ``checkpoint-N`` that only looks like one."""
+    for _, path, complete in checkpoints_in(directory):
+        if not complete:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def saving_checkpoints(checkpoints: Path, main: bool = True) -> Iterator[None]:
+    """Training, whose checkpoints may meet a full disk: one error, and no half checkpoint
+    (``main``: the process that writes them, and cleans up)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        why = write_failure(exc, checkpoints)
+        if why is None:  # not a write that failed
+            if main:
+                remove_incomplete_checkpoints(checkpoints)
+            raise
+        half = [p for _, p, complete in checkpoints_in(checkpoints) if not complete]
+        what = f"save {half[-1].name} in" if half else "write to"
+        raise OutputError(f"cannot {what} {checkpoints}: {why}",
+                          hint=after_write_failure(checkpoints) if main else None) from None
+    except BaseException:  # a second Ctrl-C in the middle of a save
+        if main:
+            remove_incomplete_checkpoints(checkpoints)
+        raise
 
 
 def checkpoint_step(path: Path) -> int:
@@ -79,6 +136,13 @@ def plan_output(opts: FinetuneOptions, model_id: str) -> Plan:
     checkpoints = checkpoint_dir_for(output)
     if output.exists() and not opts.overwrite:
         what = "a finished run" if (output / RECORD).is_file() else "something"
+        if checkpoints.exists():  # kept, or left by a run killed as it finished
+            raise OutputError(f"output directory {output} already exists ({what}), and so "
+                              f"does {checkpoints}", hint=(
+                                  "a finished run has nothing to resume: " if
+                                  what == "a finished run" else "") +
+                              f"remove {checkpoints.name} if it is not wanted; --overwrite "
+                              "replaces both, or choose --output-dir")
         raise OutputError(f"output directory {output} already exists ({what})",
                           hint="pass --overwrite to replace it, or choose --output-dir")
     if not output.parent.is_dir():
@@ -105,9 +169,15 @@ def run_settings(opts: FinetuneOptions, sources: list[Source], validation: list[
 
 
 def write_state(checkpoints: Path, settings: dict[str, Any], before_loss: float | None) -> None:
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / STATE).write_text(json.dumps({"settings": settings,
-                                                 "before_loss": before_loss}))
+    try:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / STATE).write_text(json.dumps({"settings": settings,
+                                                     "before_loss": before_loss}))
+    except OSError as exc:
+        with suppress(OSError):
+            (checkpoints / STATE).unlink(missing_ok=True)
+        raise OutputError(f"cannot write to {checkpoints}: {write_failure(exc)}",
+                          hint="free some space, or choose --output-dir elsewhere") from None
 
 
 def read_state(checkpoints: Path) -> dict[str, Any]:
@@ -182,6 +252,8 @@ def finish_output(trainer: Any, tokenizer: Any, opts: FinetuneOptions, plan: Pla
     if opts.lora and opts.merge:
         # Merging folds B @ A into the base weights: a plain model every loader understands.
         trainer.model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+    elif opts.lora:  # the base as the user named it (peft writes the path it was loaded from)
+        _name_base(tmp / "adapter_config.json", record["base_model"]["source"])
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the record says it all
     tokenizer.save_pretrained(tmp)
     runs = plan.checkpoints / "runs"
@@ -190,6 +262,7 @@ def finish_output(trainer: Any, tokenizer: Any, opts: FinetuneOptions, plan: Pla
     record["wall_time_s"] = round(time.time() - started, 3)
     (tmp / RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n",
                               encoding="utf-8")
+    umask_modes(tmp)  # safetensors writes its files 0600; a model is a file like any other
     output = plan.output
     if output.exists():  # --overwrite: the old directory goes only once the new one is whole
         trash = output.with_name(f".{output.name}.old")
@@ -201,3 +274,15 @@ def finish_output(trainer: Any, tokenizer: Any, opts: FinetuneOptions, plan: Pla
         os.replace(tmp, output)
     if not opts.keep_checkpoints:
         shutil.rmtree(plan.checkpoints, ignore_errors=True)
+
+
+def _name_base(config: Path, base: str) -> None:
+    """The adapter's base, in adapter_config.json and peft's model card, as the user gave it
+    (nlgen.loading finds it again), not the absolute path it was loaded from."""
+    data = json.loads(config.read_text(encoding="utf-8"))
+    loaded_from, data["base_model_name_or_path"] = data.get("base_model_name_or_path"), base
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    card = config.with_name("README.md")
+    if loaded_from and card.is_file():
+        card.write_text(card.read_text(encoding="utf-8").replace(loaded_from, base),
+                        encoding="utf-8")

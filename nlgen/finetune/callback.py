@@ -21,22 +21,25 @@ from nlgen.scoring import safe_exp
 
 
 class Interrupt:
-    """Ctrl-C during training asks for a checkpoint at the end of the step; a second one quits."""
+    """Ctrl-C during training asks for a checkpoint at the end of the step; a second one quits.
+
+    SIGTERM does the same: it is what a scheduler or a container runtime sends before its kill.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
-        self._installed = False
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:

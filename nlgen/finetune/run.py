@@ -13,11 +13,12 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from nlgen import distributed, loading
-from nlgen.errors import UsageError, first_line
+from nlgen.errors import OutputError, UsageError, first_line, write_failure
 from nlgen.finetune import artifacts
 from nlgen.finetune.data import PackedData, prepare_data
 from nlgen.finetune.divergence import validation_kl
@@ -70,6 +71,8 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
         shutil.rmtree(plan.checkpoints)
     evaluate = bool(validation) or opts.split > 0
     args = _training_args(opts, plan, precision, use_cpu, report_to, evaluate)
+    if args.world_size > 1:  # accelerate has set up the process group by now
+        distributed.know_peers()
     data = prepare_data(sources, validation, opts, lm.tokenizer, block_size,
                         lambda: args.main_process_first(desc="tokenizing"))
 
@@ -89,7 +92,8 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
                          artifacts.checkpoint_step(plan.resume_from) if plan.resume_from
                          else None))
     before = _loss_before(trainer, data, plan, settings)
-    with interrupt:
+    saving = artifacts.saving_checkpoints(plan.checkpoints, main=args.should_save)
+    with interrupt, saving, _peers_watched(plan):
         train_out = trainer.train(
             resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
     if callback.stopped_at is not None:
@@ -100,7 +104,7 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
 
     # 5. The model directory: a temporary sibling, renamed into place when complete.
     record = artifacts.build_record(
-        opts, command=command, base={"name": lm.name, "source": lm.source}, sources=sources,
+        opts, command=command, base={"name": lm.name, "source": lm.model_id}, sources=sources,
         validation=({"file": validation[0].name, "sha256": validation[0].sha256}
                     if validation else {"split": opts.split} if data.validation is not None
                     else None),
@@ -250,13 +254,44 @@ def _save(trainer: Any, tokenizer: Any, opts: FinetuneOptions, plan: artifacts.P
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the Trainer turned transformers' bars back on
-    if not (opts.lora and opts.merge):
-        # Every process takes part: under FSDP or DeepSpeed the weights are gathered from all
-        # of them; the main process alone writes.
-        trainer.save_model(str(tmp))
-    if main:
-        artifacts.finish_output(trainer, tokenizer, opts, plan, record, started)
+    from safetensors import SafetensorError
+
+    try:
+        if not (opts.lora and opts.merge):
+            # Every process takes part: under FSDP or DeepSpeed the weights are gathered from
+            # all of them; the main process alone writes.
+            trainer.save_model(str(tmp))
+        if main:
+            artifacts.finish_output(trainer, tokenizer, opts, plan, record, started)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # a full disk: nothing half-made
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = write_failure(exc, plan.output.parent)
+        if why is None:
+            raise
+        raise OutputError(f"cannot write the model to {plan.output}: {why}",
+                          hint=artifacts.after_write_failure(plan.checkpoints) if main
+                          else None) from None
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     trainer.accelerator.wait_for_everyone()
+
+
+@contextmanager
+def _peers_watched(plan: artifacts.Plan) -> Iterator[None]:
+    """A rank that the launcher lost (a kill, the OOM killer) is named, not rank 0's own
+    failing collective or the SIGTERM the launcher sends it."""
+    try:
+        yield
+    except BaseException as exc:
+        resumable = artifacts.last_checkpoint(plan.checkpoints) is not None
+        lost = distributed.peer_failure(resumable=resumable) if distributed.is_distributed() \
+            else None
+        if lost is not None:
+            raise lost from exc
+        raise
 
 
 def _planned_steps(data: PackedData, opts: FinetuneOptions, world_size: int) -> int:
