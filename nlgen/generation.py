@@ -23,7 +23,7 @@ from nlgen.inputs import Prompt
 from nlgen.likelihood import TokenLogprob
 from nlgen.loading import LoadedModel
 from nlgen.sampling import GPT2_SAMPLING as GPT2_SAMPLING  # re-exported: the defaults
-from nlgen.sampling import SAMPLING_OPTIONS, seeded_generate
+from nlgen.sampling import SAMPLING_FIELDS, SAMPLING_OPTIONS, seeded_generate
 from nlgen.sampling import build_generation_config as build_generation_config
 from nlgen.streaming import StopAwareStreamer, StopStrings, completion_end, read_windows
 
@@ -116,6 +116,9 @@ class GenerationOptions:
             return
         if do_sample is True:
             raise UsageError(f"{said} does not sample; drop -o do_sample=true")
+        extra = [k for k, _ in self.extra if k in SAMPLING_FIELDS]
+        if extra:  # -o is explicit: never ignored
+            raise UsageError(f"{said} does not sample; drop -o {extra[0]}")
         if said != "--temperature 0":
             sampling = [n for n in SAMPLING_OPTIONS if getattr(self, n) is not None
                         and not (n == "temperature" and self.temperature == 0)]

@@ -215,6 +215,8 @@ def test_an_openai_record_with_temperature_zero_is_greedy(tiny_lm):
                                                          "do_sample=true"),
     ({"temperature": 0, "extra": (("do_sample", True),)}, "--temperature 0 does not sample"),
     ({"temperature": -0.5}, "--temperature must be 0 \\(greedy\\) or more"),
+    ({"temperature": 0, "extra": (("epsilon_cutoff", 3e-4),)}, "--temperature 0 does not "
+                                                                "sample; drop -o epsilon_cutoff"),
 ])
 def test_contradictions_of_the_users_own_options(kwargs, message):
     with pytest.raises(UsageError, match=message):
