@@ -68,6 +68,7 @@ def converted_dir(gguf: Path) -> Path:
     check_magic(gguf)
     target = cache_path(gguf)
     if (target / "config.json").is_file():
+        remove_stale_temporaries(target)
         return target
     from filelock import FileLock, Timeout
 
@@ -101,8 +102,9 @@ def _temporary_dir(target: Path) -> Path:
 
 
 def remove_stale_temporaries(target: Path) -> None:
-    """Remove what killed conversions left in the cache: every temporary of ``target`` (whose
-    lock we hold), and the others whose process, on this host, is gone."""
+    """Remove what killed conversions left in the cache (a directory listing: cheap): every
+    temporary of ``target``, which no process is converting (we hold its lock, or it is
+    converted already), and the others whose process, on this host, is gone."""
     host = socket.gethostname().replace("-", "_")
     for tmp in target.parent.glob(f"*{TMP_MARK}*"):
         entry, _, tail = tmp.name.rpartition(TMP_MARK)

@@ -194,6 +194,12 @@ def test_a_killed_conversions_temporaries_are_removed(fake_gguf):
     # safetensors' 0600.
     assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask()
     assert stat.S_IMODE((target / "model.safetensors").stat().st_mode) == 0o666 & ~umask()
+    # Once the entry is converted, no process converts it: a later load clears what is left
+    # (here: an older nlgen's temporary, which names no process).
+    leftover = converted / f"{entry}.tmp-k2j4x9"
+    leftover.mkdir()
+    assert gguf.converted_dir(fake_gguf) == target
+    assert not leftover.exists() and live.exists()
 
 
 # ---------------------------------------------------------------------- finetune on a full disk

@@ -177,7 +177,7 @@ def write_state(checkpoints: Path, settings: dict[str, Any], before_loss: float 
         with suppress(OSError):
             (checkpoints / STATE).unlink(missing_ok=True)
         raise OutputError(f"cannot write to {checkpoints}: {write_failure(exc)}",
-                          hint="free some space, or choose --output-dir elsewhere") from None
+                          hint=after_write_failure(checkpoints)) from None
 
 
 def read_state(checkpoints: Path) -> dict[str, Any]:

@@ -69,6 +69,8 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
 
     if opts.overwrite and plan.checkpoints.exists() and distributed.is_main_process():
         shutil.rmtree(plan.checkpoints)
+    elif distributed.is_main_process():  # what a kill in the middle of a save left
+        artifacts.remove_incomplete_checkpoints(plan.checkpoints)
     evaluate = bool(validation) or opts.split > 0
     args = _training_args(opts, plan, precision, use_cpu, report_to, evaluate)
     if args.world_size > 1:  # accelerate has set up the process group by now
