@@ -1,10 +1,12 @@
-"""Seeded sampling with a random stream per prompt: the same text at any batch size, on any rank.
+"""Seeded sampling with a random stream per prompt: the same draws at any batch size, on any rank.
 
 transformers samples a whole batch from torch's one global generator, so the numbers a row
 gets depend on its place in the batch and on how many steps the other rows ran: ``--seed 7``
 gives other text at batch size 1 than at 8, or when another rank takes the prompt. Here each
 row, named by (prompt index, sequence number), owns a ``torch.Generator`` seeded from
 (seed, index, sequence), and draws exactly one uniform vector over the vocabulary per step.
+The text is then the same wherever the logits are: in float32; bfloat16 rounding depends on
+the batch's shape and flips near ties (README, "Same answers at any scale").
 
 The token is chosen with the Gumbel-max trick: with G_i i.i.d. Gumbel(0, 1),
 ``argmax_i(log p_i + G_i)`` is an exact sample from p. The noise is added by a logits processor
@@ -14,6 +16,9 @@ them in generate's own order. The processors that do not warp (repetition penalt
 no-repeat n-grams, min new tokens, ...) stay in the generation config: generate runs them
 first and appends our list after them (``GenerationMixin._get_logits_processor`` and
 ``_merge_criteria_processor_list`` in transformers 5.x), the order they have when sampling.
+
+Also here: :func:`build_generation_config`, the config generate() runs with (the model's,
+nlgen's defaults, the user's options; greedy decoding drops the sampling defaults).
 
 torch and transformers are imported inside the functions that use them.
 """
