@@ -165,8 +165,8 @@ def main() -> None:
     p.add_argument("--out", help="write the markdown report here too")
     a = p.parse_args()
 
-    from nlgen.gguf import converted_dir
-    from nlgen.loading import resolve_spec
+    from nlgen.models.gguf import converted_dir
+    from nlgen.models.loading import resolve_spec
 
     spec = resolve_spec(a.model)
     model_dir = str(converted_dir(Path(spec.path)) if spec.kind in ("builtin", "gguf")

@@ -156,7 +156,7 @@ def stepwise_perplexity(lm, ids) -> float:
     """exp(mean NLL) of ids[1:], each token scored by the one-token step decoding runs."""
     import torch
 
-    from nlgen import decode
+    from nlgen.engine import decode
 
     step = decode.stepper(lm, ids.shape[1])
     nll = 0.0
@@ -232,8 +232,8 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from nlgen import loading
-    from nlgen.generation import GenerationOptions, generate
+    from nlgen.engine.generation import GenerationOptions, generate
+    from nlgen.models import loading
 
     threads = args.threads or torch.get_num_threads()
     env = dict(os.environ, HF_HUB_OFFLINE="1")

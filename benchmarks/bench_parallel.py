@@ -42,7 +42,7 @@ def prompts(count: int) -> list[str]:
 
 def text_of(tokens: int, model: str) -> str:
     """The corpus, repeated, cut at `tokens` tokens of the model's tokenizer."""
-    from nlgen import loading
+    from nlgen.models import loading
 
     lm = loading.load_model(model, device="cpu", dtype="float32", purpose="score")
     corpus = CORPUS.read_text(encoding="utf-8")

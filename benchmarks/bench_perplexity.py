@@ -106,8 +106,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from nlgen import inputs, scoring
-    from nlgen.loading import load_model
+    from nlgen import inputs
+    from nlgen.models.loading import load_model
+    from nlgen.score import scoring
 
     rows = []
     reference = None  # float32 guide value with the exact count

@@ -1,4 +1,4 @@
-"""nlgen.likelihood against lm-evaluation-harness's own ``HFLM.loglikelihood``: values and speed.
+"""nlgen.score.likelihood against lm-eval's own ``HFLM.loglikelihood``: values and speed.
 
 Both score the same (context, continuation) requests with the same model object in memory:
 lm-eval through ``HFLM(pretrained=model, tokenizer=tokenizer)``, nlgen through
@@ -49,7 +49,7 @@ def make_requests(n: int) -> list[tuple[str, str]]:
 
 
 def load(name: str):
-    from nlgen.loading import load_model
+    from nlgen.models.loading import load_model
 
     if name == "tiny":
         sys.path.insert(0, str(ROOT / "tests"))
@@ -69,7 +69,7 @@ def run_lm_eval(hflm, requests) -> tuple[list[tuple[float, bool]], float]:
 
 
 def run_nlgen(lm, requests, batch_size: int) -> tuple[list[tuple[float, bool]], float]:
-    from nlgen.likelihood import Request, score_continuations
+    from nlgen.score.likelihood import Request, score_continuations
 
     start = time.perf_counter()
     results = list(score_continuations(lm, [Request(c, x) for c, x in requests],

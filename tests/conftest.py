@@ -73,8 +73,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model: Path):
-    """The tiny GPT-2 loaded through nlgen.loading (float32, CPU)."""
-    from nlgen.loading import load_model
+    """The tiny GPT-2 loaded through nlgen.models.loading (float32, CPU)."""
+    from nlgen.models.loading import load_model
 
     return load_model(str(tiny_model), device="cpu", dtype="float32")
 

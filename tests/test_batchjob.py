@@ -1,4 +1,4 @@
-"""nlgen.batchjob: request records in (nlgen prompts, OpenAI batch requests), records out."""
+"""nlgen.jobs.batchjob: request records in (nlgen prompts, OpenAI batch requests), records out."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from nlgen import batchjob, inputs
-from nlgen.batchjob import OPENAI, PROMPTS, Request, Result
+from nlgen import inputs
+from nlgen.engine.generation import Generation, GenerationOptions
 from nlgen.errors import UsageError
-from nlgen.generation import Generation, GenerationOptions
 from nlgen.inputs import Record
+from nlgen.jobs import batchjob
+from nlgen.jobs.batchjob import OPENAI, PROMPTS, Request, Result
 
 BASE = GenerationOptions(max_new_tokens=8, greedy=True)
 

@@ -92,8 +92,8 @@ def test_core_never_imports_the_cli_libraries():
 def test_cli_choices_match_what_the_core_accepts():
     """The Enums of cli/options.py are the core's choices: a choice --help offers always works."""
     from nlgen.cli import options
-    from nlgen.devices import DTYPES
     from nlgen.finetune.options import DEVICES, PRECISIONS
+    from nlgen.models.devices import DTYPES
 
     assert tuple(e.value for e in options.Dtype) == DTYPES
     assert tuple(e.value for e in options.Precision) == PRECISIONS

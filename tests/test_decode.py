@@ -1,11 +1,11 @@
-"""nlgen.decode: the one-prompt loop gives generate()'s tokens and generate()'s distribution."""
+"""nlgen.engine.decode: the one-prompt loop gives generate()'s tokens and its distribution."""
 
 from __future__ import annotations
 
 import pytest
 
-from nlgen import decode
-from nlgen.generation import GenerationOptions, build_generation_config, generate
+from nlgen.engine import decode
+from nlgen.engine.generation import GenerationOptions, build_generation_config, generate
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "A"]
 
@@ -19,7 +19,7 @@ def _ids(lm, prompt):
 
 @pytest.fixture(scope="module")
 def llama_lm(tiny_llama):
-    from nlgen.loading import load_model
+    from nlgen.models.loading import load_model
 
     return load_model(str(tiny_llama), device="cpu", dtype="float32")
 
@@ -87,7 +87,7 @@ def test_warp_is_generates_warped_distribution(fields):
     import torch
     from transformers import GenerationConfig
 
-    from nlgen.sampling import build_warpers
+    from nlgen.engine.sampling import build_warpers
 
     config = GenerationConfig(do_sample=True, **fields)
     torch.manual_seed(0)

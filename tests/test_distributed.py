@@ -1,4 +1,4 @@
-"""nlgen.distributed: two real processes under torchrun (gloo, CPU), and the one-process no-ops."""
+"""nlgen.jobs.distributed: two real processes under torchrun (gloo, CPU), and one-process no-ops."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import textwrap
 import pytest
 from conftest import ROOT
 
-from nlgen import distributed
+from nlgen.jobs import distributed
 
 # Runs on each rank; writes what it saw to rank<N>.json in the folder given as argv[1].
 WORKER = textwrap.dedent("""
     import json, sys, time
     from contextlib import closing
     from pathlib import Path
-    from nlgen import distributed as d
+    from nlgen.jobs import distributed as d
     from nlgen.errors import InputError
 
     out = Path(sys.argv[1])
@@ -160,7 +160,7 @@ def test_bad_environment_is_a_usage_error(monkeypatch):
 
 
 def test_importing_does_not_import_torch():
-    code = ("import sys, nlgen.distributed, nlgen.sampling, nlgen.jobfile\n"
+    code = ("import sys, nlgen.jobs.distributed, nlgen.engine.sampling, nlgen.jobs.jobfile\n"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr

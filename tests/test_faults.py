@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, ROOT
 
-from nlgen import distributed, gguf
 from nlgen.errors import OutputError
+from nlgen.jobs import distributed
+from nlgen.models import gguf
 
 FULL = OSError(errno.ENOSPC, "No space left on device")
 TRAIN = ("--max-steps", "2", "--block-size", "32", "--logging-steps", "1", "--seed", "0")
@@ -399,7 +400,7 @@ KILL_RANK_1 = textwrap.dedent("""
     import os, signal, sys
     from nlgen.cli.app import main
     if os.environ.get("RANK") == "1":
-        import nlgen.generation as g
+        import nlgen.engine.generation as g
         real = g.generate_indexed
         def dying(*args, **kwargs):
             for n, item in enumerate(real(*args, **kwargs)):

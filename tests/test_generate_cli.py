@@ -198,12 +198,12 @@ def test_verbose_prints_a_summary_on_stderr_only(gen):
     (["--no-such-flag"], "No such option"),
 ])
 def test_usage_errors_exit_2_before_the_model_loads(cli, monkeypatch, args, message):
-    import nlgen.loading
+    import nlgen.models.loading
 
     def no_load(*a, **k):
         raise AssertionError("the model must not load for a usage error")
 
-    monkeypatch.setattr(nlgen.loading, "load_model", no_load)
+    monkeypatch.setattr(nlgen.models.loading, "load_model", no_load)
     result = cli("generate", *args, "The fox")
     assert result.exit_code == EXIT_USAGE
     assert message in result.stderr
@@ -255,12 +255,12 @@ def test_chat_without_template(gen):
 
 
 def test_unexpected_errors_are_one_line_with_a_debug_hint(cli, monkeypatch, tiny_model):
-    import nlgen.generation
+    import nlgen.engine.generation
 
     def boom(*a, **k):
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(nlgen.generation, "generate_indexed", boom)
+    monkeypatch.setattr(nlgen.engine.generation, "generate_indexed", boom)
     result = cli("generate", "--model", str(tiny_model), "hi")
     assert result.exit_code == EXIT_FAILURE
     assert "unexpected RuntimeError: kaput" in result.stderr and "NLGEN_DEBUG=1" in result.stderr
@@ -333,7 +333,7 @@ def test_builtin_once_upon_a_time_subprocess():
 
 @pytest.mark.slow
 def test_builtin_second_load_is_a_cache_hit(monkeypatch):
-    from nlgen import gguf, loading
+    from nlgen.models import gguf, loading
 
     first = loading.load_model("builtin", device="cpu")
     converted = gguf.cache_path(loading.builtin_gguf_path())

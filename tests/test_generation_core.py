@@ -1,4 +1,4 @@
-"""nlgen.generation on the tiny GPT-2: batching, seeds, stop strings, lengths, options."""
+"""nlgen.engine.generation on the tiny GPT-2: batching, seeds, stop strings, lengths, options."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import logging
 
 import pytest
 
-from nlgen.errors import InputError, UsageError
-from nlgen.extra_options import parse_extra_options
-from nlgen.generation import (
+from nlgen.engine.extra_options import parse_extra_options
+from nlgen.engine.generation import (
     GPT2_SAMPLING,
     GenerationOptions,
     GenerationStats,
     build_generation_config,
     generate,
 )
-from nlgen.streaming import cut_at_stop
+from nlgen.engine.streaming import cut_at_stop
+from nlgen.errors import InputError, UsageError
 
 PROMPTS = [
     "Once upon a time there was",
@@ -200,12 +200,12 @@ def test_user_options_reach_the_generation_config(tiny_lm):
 
 
 def test_no_repeat_ngram_size_changes_a_repetitive_greedy_output(tiny_lm, monkeypatch):
-    from nlgen import decode
+    from nlgen.engine import decode
 
     seen = []
     real_runner = decode.runner
 
-    def runner(*args, **kw):  # whichever loop runs (generate() or nlgen.decode), spied on
+    def runner(*args, **kw):  # whichever loop runs (generate() or nlgen.engine.decode), spied on
         run = real_runner(*args, **kw)
 
         def spy(**kwargs):

@@ -10,11 +10,11 @@ import logging
 
 import pytest
 
-from nlgen import decode
+from nlgen.engine import decode
+from nlgen.engine.extra_options import parse_extra_options
+from nlgen.engine.generation import GenerationOptions, build_generation_config, generate
+from nlgen.engine.streaming import StopStrings
 from nlgen.errors import InputError, UsageError
-from nlgen.extra_options import parse_extra_options
-from nlgen.generation import GenerationOptions, build_generation_config, generate
-from nlgen.streaming import StopStrings
 
 PROMPT = "The cat sat"
 OTHER = "Once upon a time there was a"  # runs on after PROMPT has stopped, in a batch
@@ -163,7 +163,7 @@ def test_float32_records_do_not_depend_on_the_batch_size(tiny_lm, opts):
                                          dataclasses.replace(opts, batch_size=b))]
             for b in (1, 3, 8)]
     assert runs[0] == runs[1] == runs[2]
-    from nlgen.generation import generate_indexed
+    from nlgen.engine.generation import generate_indexed
     from nlgen.inputs import Prompt
 
     part = [record(g) for g in generate_indexed(
@@ -197,8 +197,8 @@ def test_do_sample_false_is_greedy_despite_nlgen_defaults(tiny_lm):
 
 
 def test_an_openai_record_with_temperature_zero_is_greedy(tiny_lm):
-    from nlgen import batchjob
     from nlgen.inputs import Record
+    from nlgen.jobs import batchjob
 
     line = Record("t", 1, {"custom_id": "a", "method": "POST", "url": "/v1/completions",
                            "body": {"prompt": PROMPT, "temperature": 0, "max_tokens": 8}})

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, ROOT
 
-from nlgen import gguf
 from nlgen.cli.finetune import resume_command
 from nlgen.errors import ModelError
+from nlgen.models import gguf
 
 
 def records(stdout: str) -> list[dict]:
@@ -41,14 +41,14 @@ def test_index_is_the_prompts_position_and_line_its_line(cli, tiny_model, tmp_pa
 
 
 def test_ctrl_c_while_streaming_ends_the_line(cli, tiny_model, monkeypatch):
-    import nlgen.generation
+    import nlgen.engine.generation
 
     def interrupted(lm, source, opts, *, stats=None, on_text=None):
         on_text(" and then")
         raise KeyboardInterrupt
         yield  # a generator, as the real one
 
-    monkeypatch.setattr(nlgen.generation, "generate_indexed", interrupted)
+    monkeypatch.setattr(nlgen.engine.generation, "generate_indexed", interrupted)
     result = cli("generate", "-m", str(tiny_model), "--stream", "Once")
     assert result.exit_code == 130
     assert result.stdout == "Once and then\n"
@@ -70,12 +70,12 @@ def test_summary_counts_in_words(cli, tiny_model):
 
 
 def test_empty_stdin_is_refused_before_the_model_loads(cli, monkeypatch):
-    import nlgen.loading
+    import nlgen.models.loading
 
     def no_load(*a, **k):
         raise AssertionError("the model must not load for an empty input")
 
-    monkeypatch.setattr(nlgen.loading, "load_model", no_load)
+    monkeypatch.setattr(nlgen.models.loading, "load_model", no_load)
     for command in (["perplexity"], ["perplexity", "--per-line"], ["generate"]):
         result = cli(*command, input="\n \n")
         assert result.exit_code == 1, result.stderr

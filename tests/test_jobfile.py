@@ -1,4 +1,4 @@
-"""nlgen.jobfile: JSONL output that survives a kill and resumes with every key exactly once."""
+"""nlgen.jobs.jobfile: JSONL output that survives a kill and resumes with every key exactly once."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 from nlgen.errors import OutputError
-from nlgen.jobfile import ResumableWriter
+from nlgen.jobs.jobfile import ResumableWriter
 
 
 def records(n):
@@ -85,7 +85,7 @@ def test_records_survive_kill_9(tmp_path):
     path = tmp_path / "killed.jsonl"
     script = (
         "import sys, time\n"
-        "from nlgen.jobfile import ResumableWriter\n"
+        "from nlgen.jobs.jobfile import ResumableWriter\n"
         "w = ResumableWriter(sys.argv[1], 'index', resume=False, fsync_every=10**9,\n"
         "                    fsync_interval_s=10**9)\n"  # never fsynced: flush alone must do
         "for i in range(10**6):\n"

@@ -1,11 +1,12 @@
-"""nlgen.lean_llama: the lean forward computes what transformers' Llama forward computes."""
+"""nlgen.engine.lean_llama: the lean forward computes what transformers' Llama forward computes."""
 
 from __future__ import annotations
 
 import pytest
 
-from nlgen import decode, lean_llama, quantized
-from nlgen.generation import GenerationOptions, build_generation_config
+from nlgen.engine import decode, lean_llama
+from nlgen.engine.generation import GenerationOptions, build_generation_config
+from nlgen.models import lean_weights, quantized
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "A"]
 
@@ -32,7 +33,7 @@ def _greedy(lm, prompt, n, *, lean):
 
 @pytest.fixture(scope="module")
 def llama_lm(tiny_llama):
-    from nlgen.loading import load_model
+    from nlgen.models.loading import load_model
 
     return load_model(str(tiny_llama), device="cpu", dtype="float32")
 
@@ -42,7 +43,7 @@ def test_step_logits_match_the_model_forward_prompt_then_tokens(llama_lm):
 
     model = llama_lm.model
     ids = torch.tensor([[5, 9, 2, 7, 11, 3]])
-    lean = lean_llama.LeanLlama(lean_llama.from_model(model), max_len=8)
+    lean = lean_llama.LeanLlama(lean_weights.from_model(model), max_len=8)
     with torch.inference_mode():
         full = model(ids).logits.float()  # (1, 6, V): every position at once
         first = lean.step(ids[:, :4], 0)  # a prompt of 4
@@ -76,12 +77,12 @@ def test_int4_fused_products_equal_the_separate_ones_and_greedy_tokens_match(tin
     """int4 weights in bfloat16: fused q/k/v and gate/up give the separate layers' numbers."""
     import torch
 
-    from nlgen.loading import load_model
+    from nlgen.models.loading import load_model
     from tests.test_quantized import _on_q4_grid
 
     lm = load_model(str(tiny_llama), device="cpu", quantize="int8")  # bfloat16, int8 layers
     layer = lm.model.model.layers[0].self_attn
-    fused = lean_llama.fuse([layer.q_proj, layer.k_proj, layer.v_proj])
+    fused = lean_weights.fuse([layer.q_proj, layer.k_proj, layer.v_proj])
     x = torch.randn(1, 3, layer.q_proj.in_features).bfloat16()
     expected = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], dim=-1)
     assert torch.equal(fused(x), expected)
@@ -97,19 +98,19 @@ def test_int4_fused_products_equal_the_separate_ones_and_greedy_tokens_match(tin
                 int4(quantized.int4_blocks(weight), weight.bfloat16()))
     mlp = lm.model.model.layers[0].mlp
     # k/v are 32 rows wide here, half of the int4 kernel's tile: those cannot be fused.
-    assert lean_llama.fuse([layer.q_proj, layer.k_proj, layer.v_proj]) is None
-    fused = lean_llama.fuse([mlp.gate_proj, mlp.up_proj])  # 128 + 128 rows
+    assert lean_weights.fuse([layer.q_proj, layer.k_proj, layer.v_proj]) is None
+    fused = lean_weights.fuse([mlp.gate_proj, mlp.up_proj])  # 128 + 128 rows
     assert torch.equal(fused(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1))
     mixed = [mlp.gate_proj, int8(quantized.int8_rows(mlp.up_proj.dense.float()),
                                  mlp.up_proj.dense)]
-    assert lean_llama.fuse(mixed) is None
+    assert lean_weights.fuse(mixed) is None
     for prompt in PROMPTS:
         assert _greedy(lm, prompt, 20, lean=True) == _greedy(lm, prompt, 20, lean=False)
 
 
 @pytest.mark.slow
 def test_builtin_default_load_runs_int4_and_the_lean_forward_gives_its_greedy_text():
-    from nlgen.loading import load_model
+    from nlgen.models.loading import load_model
 
     lm = load_model("builtin", device="cpu")
     if lm.dtype != "bfloat16":
@@ -120,7 +121,7 @@ def test_builtin_default_load_runs_int4_and_the_lean_forward_gives_its_greedy_te
     prompt = "The history of the printing press"
     assert _greedy(lm, prompt, 48, lean=True) == _greedy(lm, prompt, 48, lean=False)
     # A small batch runs transformers' generate() on the same int4 layers and 8-bit head.
-    from nlgen.generation import generate
+    from nlgen.engine.generation import generate
 
     batch = list(generate(lm, [prompt, "Once upon a time", "A"],
                           GenerationOptions(greedy=True, max_new_tokens=6, min_new_tokens=6)))
@@ -128,8 +129,8 @@ def test_builtin_default_load_runs_int4_and_the_lean_forward_gives_its_greedy_te
 
 
 def test_a_saved_llama_loads_lean_and_builds_transformers_model_only_when_asked(tiny_llama):
-    from nlgen.generation import generate
-    from nlgen.loading import load_model
+    from nlgen.engine.generation import generate
+    from nlgen.models.loading import load_model
 
     lm = load_model(str(tiny_llama), device="cpu", dtype="float32")
     assert lm.lean is not None and lm._model is None
@@ -147,7 +148,7 @@ def test_a_saved_llama_loads_lean_and_builds_transformers_model_only_when_asked(
 def test_lean_files_forward_equals_transformers_forward(tiny_llama):
     import torch
 
-    from nlgen.loading import load_model
+    from nlgen.models.loading import load_model
 
     lm = load_model(str(tiny_llama), device="cpu", dtype="float32")
     files = lm.lean  # read from the files; dropped when the model is built below

@@ -1,4 +1,4 @@
-"""nlgen.likelihood and nlgen.compare against brute force on the tiny random GPT-2.
+"""nlgen.score.likelihood and nlgen.score.compare against brute force on the tiny random GPT-2.
 
 Every reference value is computed here without the code under test: one forward pass per
 predicted token (or per window), log-softmax in float64, gathered position by position.
@@ -12,13 +12,13 @@ import math
 import pytest
 from conftest import CORPUS, build_tiny_gpt2
 
-from nlgen import compare, likelihood
 from nlgen.errors import ModelError, UsageError
 from nlgen.inputs import Text
-from nlgen.likelihood import Request, encode_pair, score_continuations
-from nlgen.loading import LoadedModel, load_model
-from nlgen.scoring import ScoreOptions
-from nlgen.windows import plan_windows
+from nlgen.models.loading import LoadedModel, load_model
+from nlgen.score import compare, likelihood
+from nlgen.score.likelihood import Request, encode_pair, score_continuations
+from nlgen.score.scoring import ScoreOptions
+from nlgen.score.windows import plan_windows
 
 TEXT = CORPUS.read_text(encoding="utf-8")
 WORDS = TEXT.split()
@@ -273,7 +273,7 @@ def test_lora_adapter_switched_off_is_the_reference(tiny_model, tmp_path):
     plain = load_model(str(tiny_model), device="cpu", dtype="float32")  # an untouched copy
     peft = get_peft_model(base.model, LoraConfig(r=4, target_modules=["c_attn"],
                                                  init_lora_weights=False))
-    # The inner model (adapter layers injected) keeps the body/head split of nlgen.scoring.
+    # The inner model (adapter layers injected) keeps the body/head split of nlgen.score.scoring.
     lora = LoadedModel(peft.base_model.model, base.tokenizer, "lora", "", "cpu", "float32")
     items = [Text("t", TEXT[:300])]
     opts = ScoreOptions(max_length=32)
@@ -290,7 +290,7 @@ def test_token_bytes_of_a_byte_fallback_tokenizer():
 
     from tokenizers import decoders
 
-    from nlgen.token_bytes import TokenText
+    from nlgen.score.token_bytes import TokenText
 
     pieces = ["\u2581caf", "\u00e9", "<0xE6>", "<0x97>", "<0xA5>"]
     fake = SimpleNamespace(

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import run_nlgen
 
-from nlgen import devices, gguf, loading
 from nlgen.errors import ModelError, UsageError
+from nlgen.models import devices, gguf, loading
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -146,7 +146,7 @@ def test_bad_gguf_file_is_a_model_error(tmp_path, monkeypatch):
     (0.0, 2, 2), (0.3, 2, 2), (0.8, 2, 1), (1.9, 2, 1), (3.0, 8, 5), (0.0, 1, 1)])
 def test_spare_threads_leave_busy_cores_to_other_processes(monkeypatch, others, threads,
                                                            expected):
-    from nlgen import devices
+    from nlgen.models import devices
 
     cores = max(threads, 2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -1,6 +1,6 @@
 """nlgen perplexity: the core against brute force and the HF guide, then the CLI, then builtin.
 
-The reference in every equality test is computed here independently of nlgen.scoring: one
+The reference in every equality test is computed here independently of nlgen.score.scoring: one
 forward pass per predicted token, over exactly the context the method allows, log-softmax in
 float64.
 """
@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, run_nlgen
 
-from nlgen import inputs, scoring, windows
+from nlgen import inputs
 from nlgen.errors import UsageError
-from nlgen.loading import LoadedModel
+from nlgen.models.loading import LoadedModel
+from nlgen.score import scoring, windows
 
 TEXT = CORPUS.read_text(encoding="utf-8")
 SHORT = TEXT[:160]  # ~70 tokens of the tiny tokenizer: brute force stays fast
@@ -432,7 +433,7 @@ def test_cli_in_a_real_pipeline(tiny_model):
 
 @pytest.fixture(scope="module")
 def builtin_lm():
-    from nlgen.loading import load_model
+    from nlgen.models.loading import load_model
 
     return load_model("builtin", device="cpu", purpose="score")
 

@@ -1,12 +1,12 @@
-"""nlgen.quantized: int4 blocks reproduce 4-bit weights exactly, the cache, and when it applies."""
+"""nlgen.models.quantized: int4 blocks reproduce 4-bit weights exactly, the cache, its scope."""
 
 from __future__ import annotations
 
 import pytest
 
-from nlgen import quantized
+from nlgen.engine.generation import GenerationOptions, generate
 from nlgen.errors import UsageError
-from nlgen.generation import GenerationOptions, generate
+from nlgen.models import quantized
 
 
 def _on_q4_grid(weight):
@@ -157,7 +157,7 @@ def test_choose():
 
 
 def test_load_model_quantize_int8_generates(tiny_llama):
-    from nlgen.loading import load_model
+    from nlgen.models.loading import load_model
 
     lm = load_model(str(tiny_llama), device="cpu", quantize="int8")
     assert (lm.quantization, lm.dtype) == ("int8", "bfloat16")

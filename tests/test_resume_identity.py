@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from nlgen.errors import EXIT_FAILURE, EXIT_USAGE
-from nlgen.jobfile import JobIdentity, ResumableWriter, sidecar_path
+from nlgen.jobs.jobfile import JobIdentity, ResumableWriter, sidecar_path
 
 
 def rows(path):

@@ -1,4 +1,4 @@
-"""nlgen.sampling: per-prompt seeded streams, the same at any batch size, true to the softmax."""
+"""nlgen.engine.sampling: per-prompt seeded streams, the same at any batch size, true to softmax."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from nlgen.generation import GenerationOptions, build_generation_config
-from nlgen.sampling import build_warpers, gumbel_sampler, row_seed, seeded_generate
+from nlgen.engine.generation import GenerationOptions, build_generation_config
+from nlgen.engine.sampling import build_warpers, gumbel_sampler, row_seed, seeded_generate
 
 PROMPTS = [
     "Once upon a time there was",
@@ -133,9 +133,9 @@ def test_first_token_frequencies_match_the_softmax(tiny_lm, opts):
     GenerationOptions(top_p=0.5, temperature=0.7), GenerationOptions(num_beams=2),
 ], ids=["default", "greedy", "top-p", "beams"])
 def test_resolve_config_fills_what_generate_fills(tiny_lm, opts):
-    """nlgen.sampling.resolve_config, without the model, equals generate()'s own resolution."""
-    from nlgen.generation import build_generation_config
-    from nlgen.sampling import resolve_config
+    """sampling.resolve_config, without the model, equals generate()'s own resolution."""
+    from nlgen.engine.generation import build_generation_config
+    from nlgen.engine.sampling import resolve_config
 
     config = build_generation_config(tiny_lm, opts)
     expected, _ = tiny_lm.model._prepare_generation_config(config)

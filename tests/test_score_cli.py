@@ -1,6 +1,6 @@
 """`nlgen score`, `perplexity --reference` and `generate --logprobs` through the CLI.
 
-The cores (nlgen.likelihood, nlgen.compare) are tested against brute force in
+The cores (nlgen.score.likelihood, nlgen.score.compare) are tested against brute force in
 test_likelihood.py; here the CLI's numbers must equal the cores' (the CLI computes nothing of
 its own), and the generated tokens' log-probs must equal a brute-force forward pass.
 """
@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, build_tiny_gpt2, run_nlgen
 
-from nlgen import compare
 from nlgen.errors import EXIT_FAILURE, EXIT_USAGE
 from nlgen.inputs import Text
-from nlgen.likelihood import Request, score_continuations
-from nlgen.loading import load_model
-from nlgen.scoring import ScoreOptions
+from nlgen.models.loading import load_model
+from nlgen.score import compare
+from nlgen.score.likelihood import Request, score_continuations
+from nlgen.score.scoring import ScoreOptions
 
 TEXT = CORPUS.read_text(encoding="utf-8")
 PAIRS = [
@@ -332,7 +332,7 @@ def test_generate_logprobs_greedy_equal_brute_force(cli, tiny_lm, tiny_model):
 
 def _ids(lm, content: list[dict]) -> list[int]:
     """The token ids of a logprobs.content list, from each token's bytes (exact for GPT-2 BPE)."""
-    from nlgen.token_bytes import TokenText
+    from nlgen.score.token_bytes import TokenText
 
     text = TokenText(lm.tokenizer)
     by_bytes = {text(i)[1]: i for i in range(len(lm.tokenizer))}

@@ -3,7 +3,7 @@ acc / acc_norm / acc_bytes, a score record that is one thing or the other; and a
 tokenized in pieces, with the whole text's tokens, in bounded memory.
 
 The denominators here are computed by hand from the tokenizer's own decoding of single tokens
-(on ASCII text, where that is exact), not with nlgen.token_bytes.
+(on ASCII text, where that is exact), not with nlgen.score.token_bytes.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, ROOT
 
-from nlgen import inputs, scoring, windows
-from nlgen.likelihood import Request, score_continuations
-from nlgen.token_bytes import TokenSizes
+from nlgen import inputs
+from nlgen.score import scoring, windows
+from nlgen.score.likelihood import Request, score_continuations
+from nlgen.score.token_bytes import TokenSizes
 
 TEXT = CORPUS.read_text(encoding="utf-8")
 ASCII = "".join(c for c in TEXT[:3000] if c.isascii())
@@ -197,7 +198,9 @@ def test_a_multi_megabyte_text_is_tokenized_in_bounded_memory(tiny_model, tmp_pa
     path.write_text((TEXT * (2_000_000 // len(TEXT) + 1))[:2_000_000], encoding="utf-8")
     script = textwrap.dedent(f"""
         import resource
-        from nlgen import inputs, loading, scoring
+        from nlgen import inputs
+        from nlgen.models import loading
+        from nlgen.score import scoring
         lm = loading.load_model({str(tiny_model)!r}, device="cpu", dtype="float32")
         scorer = scoring.Scorer(lm, scoring.ScoreOptions())
         text = inputs.read_text({str(path)!r})

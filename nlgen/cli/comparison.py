@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nlgen import adapters, compare, loading, scoring
 from nlgen.errors import UsageError
+from nlgen.models import adapters, loading
+from nlgen.score import compare, scoring
 
 BASE = "base"  # --reference base: the base model of the LoRA adapter given as --model
 

@@ -11,7 +11,6 @@ import typer
 from rich.markup import escape
 from rich.progress import TextColumn
 
-from nlgen import distributed
 from nlgen.cli import console
 from nlgen.cli.options import (
     BatchSizeOpt,
@@ -37,6 +36,7 @@ from nlgen.finetune import (
     finetune as run_finetune,
 )
 from nlgen.finetune.options import DEFAULT_EPOCHS, DEFAULT_VALIDATION_SPLIT
+from nlgen.jobs import distributed
 
 DATA = "Data"
 TRAIN = "Training (TrainingArguments)"

@@ -11,17 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from nlgen import (
-    batchjob,
-    devices,
-    distributed,
-    extra_options,
-    generation,
-    inputs,
-    jobfile,
-    loading,
-    parallel,
-)
+from nlgen import inputs
 from nlgen.cli import console, jobs, runtime
 from nlgen.cli.options import (
     JOB,
@@ -42,7 +32,10 @@ from nlgen.cli.options import (
     VerboseOpt,
 )
 from nlgen.cli.runtime import guard
+from nlgen.engine import extra_options, generation
 from nlgen.errors import EXIT_FAILURE, InputError, UsageError
+from nlgen.jobs import batchjob, distributed, jobfile, parallel
+from nlgen.models import devices, loading
 
 SAMPLING = "Sampling (GenerationConfig)"
 IO = "Input and output"

@@ -2,7 +2,7 @@
 
 Under ``torchrun`` or ``accelerate launch`` every process runs the same command; rank 0 alone
 prints results, notices, progress and errors (``cli/runtime.py`` quiets the others, whose
-failures reach rank 0 through nlgen.parallel).
+failures reach rank 0 through nlgen.jobs.parallel).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 from rich.progress import TextColumn, TimeRemainingColumn
 
-from nlgen import distributed
 from nlgen.cli import console, runtime
+from nlgen.jobs import distributed
 
 
 @contextmanager

@@ -7,10 +7,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from nlgen import catalog
 from nlgen.cli import console
 from nlgen.cli.options import ModelsFormat
 from nlgen.cli.runtime import guard
+from nlgen.models import catalog
 
 
 @guard

@@ -22,7 +22,7 @@ class Dtype(str, Enum):
 
 
 class Quantize(str, Enum):
-    """Weight-only quantization for generating on the CPU (nlgen.quantized)."""
+    """Weight-only quantization for generating on the CPU (nlgen.models.quantized)."""
 
     auto = "auto"
     none = "none"

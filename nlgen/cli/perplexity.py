@@ -15,7 +15,7 @@ import typer
 from rich.progress import TimeRemainingColumn
 from rich.table import Table
 
-from nlgen import devices, distributed, inputs, loading, parallel, scoring
+from nlgen import inputs
 from nlgen.cli import comparison, console, jobs
 from nlgen.cli.options import (
     BatchSizeOpt,
@@ -33,6 +33,9 @@ from nlgen.cli.options import (
 )
 from nlgen.cli.runtime import guard
 from nlgen.errors import EXIT_FAILURE, InputError, UsageError
+from nlgen.jobs import distributed, parallel
+from nlgen.models import devices, loading
+from nlgen.score import scoring
 
 IO = "Input and output"
 WINDOW = "Window"

@@ -19,9 +19,9 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 
-from nlgen import distributed
 from nlgen.cli.console import end_line, error, setup_logging, silence_stdout
 from nlgen.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, ModelError, NlgenError
+from nlgen.jobs import distributed
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,7 +36,7 @@ def guard(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         # Under a launcher only rank 0 speaks: the other ranks' notices are dropped, and their
-        # failures reach rank 0 (nlgen.parallel), which reports them once. A bug still shows.
+        # failures reach rank 0 (nlgen.jobs.parallel), which reports them once. A bug still shows.
         main = is_main_process()
         setup_logging(verbose=bool(kwargs.get("verbose")),
                       quiet=bool(kwargs.get("quiet")) or not main)

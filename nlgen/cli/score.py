@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from nlgen import inputs, likelihood, loading, records
+from nlgen import inputs
 from nlgen.cli import comparison, console, score_render
 from nlgen.cli.options import (
     BatchSizeOpt,
@@ -27,6 +27,8 @@ from nlgen.cli.options import (
 )
 from nlgen.cli.runtime import guard
 from nlgen.errors import EXIT_FAILURE, InputError, UsageError
+from nlgen.models import loading
+from nlgen.score import likelihood, records
 
 IO = "Input and output"
 FIELDS = "Record fields"

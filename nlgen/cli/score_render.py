@@ -11,8 +11,9 @@ from typing import Any
 
 from rich.table import Table
 
-from nlgen import records, token_logprobs
 from nlgen.cli import console
+from nlgen.engine import token_logprobs
+from nlgen.score import records
 
 ELIDE = 40  # characters of a prompt or completion shown in a table cell
 

@@ -22,8 +22,8 @@ from typing import Any
 
 from nlgen.errors import InputError, OutputError, UsageError, write_failure
 from nlgen.finetune.options import FinetuneOptions
-from nlgen.gguf import umask_modes
 from nlgen.inputs import STDIN, Source
+from nlgen.models.gguf import umask_modes
 
 RECORD = "nlgen_run.json"
 STATE = "nlgen_state.json"  # in the checkpoints dir
@@ -278,7 +278,7 @@ def finish_output(trainer: Any, tokenizer: Any, opts: FinetuneOptions, plan: Pla
 
 def _name_base(config: Path, base: str) -> None:
     """The adapter's base, in adapter_config.json and peft's model card, as the user gave it
-    (nlgen.loading finds it again), not the absolute path it was loaded from."""
+    (nlgen.models.loading finds it again), not the absolute path it was loaded from."""
     data = json.loads(config.read_text(encoding="utf-8"))
     loaded_from, data["base_model_name_or_path"] = data.get("base_model_name_or_path"), base
     config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

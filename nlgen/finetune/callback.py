@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from nlgen.finetune.events import Evaluation, Event, Sample, StepProgress
 from nlgen.finetune.options import FinetuneOptions
-from nlgen.scoring import safe_exp
+from nlgen.score.scoring import safe_exp
 
 
 class Interrupt:

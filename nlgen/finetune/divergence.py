@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from nlgen import adapters, compare, loading
 from nlgen.finetune.data import PackedData
 from nlgen.finetune.options import FinetuneOptions
-from nlgen.scoring import ScoreOptions
+from nlgen.models import adapters, loading
+from nlgen.score import compare
+from nlgen.score.scoring import ScoreOptions
 
 log = logging.getLogger("nlgen")
 
@@ -40,7 +41,7 @@ def validation_kl(trainer: Any, lm: loading.LoadedModel, spec: loading.ModelSpec
     model.eval()
     try:
         if opts.lora:
-            # The inner model keeps the body/head split of nlgen.scoring; the adapter layers
+            # The inner model keeps the body/head split of nlgen.score.scoring; the adapter layers
             # injected into it follow the PeftModel's switch.
             tuned = loading.LoadedModel(model.base_model.model, lm.tokenizer, lm.name,
                                         lm.source, device, "float32")

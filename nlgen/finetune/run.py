@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from nlgen import distributed, loading
 from nlgen.errors import OutputError, UsageError, first_line, write_failure
 from nlgen.finetune import artifacts
 from nlgen.finetune.data import PackedData, prepare_data
@@ -25,7 +24,9 @@ from nlgen.finetune.divergence import validation_kl
 from nlgen.finetune.events import Event, FinetuneResult, Started, TrainingInterrupted
 from nlgen.finetune.options import FinetuneOptions
 from nlgen.inputs import STDIN, Source, check_sources
-from nlgen.scoring import safe_exp
+from nlgen.jobs import distributed
+from nlgen.models import loading
+from nlgen.score.scoring import safe_exp
 
 log = logging.getLogger("nlgen")
 

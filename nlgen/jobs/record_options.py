@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from nlgen.engine.generation import GenerationOptions
 from nlgen.errors import UsageError
-from nlgen.generation import GenerationOptions
 
 # A record's option -> GenerationOptions field. OpenAI's names first, then nlgen's own.
 OPTION_FIELDS = {

@@ -25,15 +25,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from nlgen.errors import ModelError, UsageError
 from nlgen.inputs import Text
-from nlgen.loading import LoadedModel
-from nlgen.scoring import (
+from nlgen.models.adapters import ReferenceContext
+from nlgen.models.loading import LoadedModel
+from nlgen.score.scoring import (
     CHUNK_ELEMENTS,
     Method,
     ScoreOptions,
@@ -42,11 +42,10 @@ from nlgen.scoring import (
     split_model,
     text_metrics,
 )
-from nlgen.windows import Batch, Pending, ProgressCallback, WindowResult, WindowRunner
+from nlgen.score.windows import Batch, Pending, ProgressCallback, WindowResult, WindowRunner
 
 log = logging.getLogger("nlgen")
 
-ReferenceContext = Callable[[], AbstractContextManager[Any]]
 _PROBE = "The quick brown fox, 42 times: naïve café – 日本語.\n\tEnd"  # spaces, digits, UTF-8
 
 

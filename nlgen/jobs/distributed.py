@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from nlgen.devices import process_alive
 from nlgen.errors import NlgenError, UsageError
+from nlgen.models.devices import process_alive
 
 log = logging.getLogger("nlgen")
 

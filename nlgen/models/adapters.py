@@ -2,7 +2,7 @@
 
 ``nlgen finetune --lora --no-merge`` writes an adapter directory; loading it gives the base
 model with the adapter applied. Switched off, the same weights in memory are the base model,
-so a comparison of the two needs one copy (nlgen.compare's ``reference_ctx``).
+so a comparison of the two needs one copy (nlgen.score.compare's ``reference_ctx``).
 
 Core module: no typer, no rich, no printing.
 """
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # nlgen.compare imports nlgen.loading, which reads adapter directories here
-    from nlgen.compare import ReferenceContext
+# What runs the reference model of a comparison: a context in which the model's forward is the
+# reference's (an adapter switched off), or a no-op where the reference is a model of its own.
+ReferenceContext = Callable[[], AbstractContextManager[Any]]
 
 
 def adapter_base(model_dir: str) -> str | None:

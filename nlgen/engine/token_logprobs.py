@@ -7,7 +7,7 @@ report, and it does not depend on the sampling settings: a token sampled at temp
 reported with the probability the model gave it. generate() returns those raw logits with
 ``output_logits=True`` (``output_scores`` would be the processed ones).
 
-Kept out of nlgen.generation so that generation calls a small hook: request(), unpack(),
+Kept out of nlgen.engine.generation so that generation calls a small hook: request(), unpack(),
 attach().
 
 Core module: no typer, no rich, no printing.
@@ -20,8 +20,8 @@ import math
 from typing import Any
 
 from nlgen.errors import UsageError
-from nlgen.likelihood import TokenLogprob, TopLogprob
-from nlgen.token_bytes import TokenText
+from nlgen.score.likelihood import TokenLogprob, TopLogprob
+from nlgen.score.token_bytes import TokenText
 
 
 def check(logprobs: int | None, num_beams: int | None) -> None:

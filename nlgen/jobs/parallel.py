@@ -1,7 +1,7 @@
 """Jobs on one process or many: shard the input, work, gather in input order, write resumably.
 
 What ``generate`` and ``perplexity`` share under ``torchrun`` / ``accelerate launch``, built on
-:mod:`nlgen.distributed` (with one process every step below is the plain loop):
+:mod:`nlgen.jobs.distributed` (with one process every step below is the plain loop):
 
 1. every rank reads the whole input (files; STDIN cannot be shared) and takes every N-th item;
 2. rank 0 opens the output (:class:`JobOutput`); on ``--resume`` the keys already written are
@@ -28,17 +28,18 @@ from contextlib import closing
 from itertools import islice
 from typing import Any, TypeVar
 
-from nlgen import distributed, generation
-from nlgen.batchjob import Request, Result
+from nlgen import batching
+from nlgen.engine import generation
+from nlgen.engine.generation import Generation, GenerationOptions, GenerationStats
 from nlgen.errors import UsageError
-from nlgen.generation import Generation, GenerationOptions, GenerationStats
 from nlgen.inputs import STDIN
-from nlgen.jobfile import JobIdentity, ResumableWriter
-from nlgen.loading import LoadedModel
-from nlgen.scoring import ScoreOptions, Scorer, TextScore
+from nlgen.jobs import distributed
+from nlgen.jobs.batchjob import Request, Result
+from nlgen.jobs.jobfile import JobIdentity, ResumableWriter
+from nlgen.models.loading import LoadedModel
+from nlgen.score.scoring import ScoreOptions, Scorer, TextScore
 
 T = TypeVar("T")
-WINDOW_BATCHES = 8  # records read ahead (x batch size) and grouped by their options
 
 
 def check_shareable(sources: Iterable[str]) -> None:
@@ -158,7 +159,7 @@ def shared_seed(opts: GenerationOptions) -> GenerationOptions:
     """Several ranks without --seed: one seed, drawn on rank 0, for all.
 
     Then every prompt that samples (records may sample under --greedy) draws from its own
-    stream (nlgen.sampling), as with --seed, instead of from its rank's global generator.
+    stream (nlgen.engine.sampling), as with --seed, instead of from its rank's global generator.
     """
     if opts.seed is not None or not distributed.is_distributed():
         return opts
@@ -198,7 +199,7 @@ def generate_requests(load: Callable[[], LoadedModel], requests: Iterable[Reques
     if uniform:
         yield from _uniform(lm, mine, opts, stats, on_text)
         return
-    while window := list(islice(mine, opts.batch_size * WINDOW_BATCHES)):
+    while window := list(islice(mine, opts.batch_size * batching.WINDOW_BATCHES)):
         yield from _window(lm, [_fits(r, lm.context_length, skip_bad) for r in window], stats)
 
 

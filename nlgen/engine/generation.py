@@ -16,16 +16,17 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from nlgen import decode, token_logprobs
+from nlgen.batching import read_windows
+from nlgen.engine import decode, token_logprobs
+from nlgen.engine.extra_options import kebab
+from nlgen.engine.sampling import GPT2_SAMPLING as GPT2_SAMPLING  # re-exported: the defaults
+from nlgen.engine.sampling import SAMPLING_FIELDS, SAMPLING_OPTIONS, seeded_generate
+from nlgen.engine.sampling import build_generation_config as build_generation_config
+from nlgen.engine.streaming import StopAwareStreamer, StopStrings, completion_end
 from nlgen.errors import InputError, NlgenError, UsageError, first_line
-from nlgen.extra_options import kebab
 from nlgen.inputs import Prompt
-from nlgen.likelihood import TokenLogprob
-from nlgen.loading import LoadedModel
-from nlgen.sampling import GPT2_SAMPLING as GPT2_SAMPLING  # re-exported: the defaults
-from nlgen.sampling import SAMPLING_FIELDS, SAMPLING_OPTIONS, seeded_generate
-from nlgen.sampling import build_generation_config as build_generation_config
-from nlgen.streaming import StopAwareStreamer, StopStrings, completion_end, read_windows
+from nlgen.models.loading import LoadedModel
+from nlgen.score.likelihood import TokenLogprob
 
 log = logging.getLogger("nlgen")
 
@@ -318,13 +319,13 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     max_new = max(p.max_new for p in batch)
     eos_ids = _eos_ids(config, tokenizer)
     streamer = StopAwareStreamer(tokenizer, opts.stop, on_text, eos_ids) if on_text else None
-    # Stop strings on the completion only (nlgen.streaming.StopStrings), one object per batch.
+    # Stop strings on the completion only (streaming.StopStrings), one object per batch.
     stops = StopStrings(tokenizer, opts.stop) if opts.stop else None
     beams = (config.num_beams or 1) > 1
     criteria = {"stopping_criteria": _criteria_list(
         stops.criteria(input_ids.shape[1], note=not beams))} if stops else {}
     # One prompt with plain options: nlgen's lean loop (same tokens); otherwise generate(),
-    # where with --seed each prompt samples from its own stream (nlgen.sampling).
+    # where with --seed each prompt samples from its own stream (nlgen.engine.sampling).
     lean = decode.runner(lm, config, rows=len(batch), seeded=opts.seed is not None,
                          logprobs=opts.logprobs is not None)
     run = lean or functools.partial(seeded_generate, lm.model, seed=opts.seed,

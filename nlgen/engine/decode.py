@@ -4,7 +4,7 @@
 bookkeeping, stopping criteria, a logits processor list whose top-p warper sorts the whole
 49k vocabulary at every step). For the common case, one prompt and one sequence with plain
 sampling or greedy decoding, this loop does the same arithmetic with less around it: the same
-forward (nlgen.lean_llama's for a Llama; else the model's own, with a DynamicCache and
+forward (nlgen.engine.lean_llama's for a Llama; else the model's own, with a DynamicCache and
 ``logits_to_keep=1``), float32 logits, the same processors for the penalties, and top-k / top-p
 computed on the k candidates instead of the vocabulary.
 
@@ -23,7 +23,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from nlgen import sampling
+from nlgen.engine import sampling
 
 # Fields this loop implements, with generate()'s semantics.
 HANDLED = {"do_sample", "temperature", "top_k", "top_p", "min_new_tokens", "repetition_penalty",
@@ -58,7 +58,7 @@ def runner(lm: Any, config: Any, *, rows: int, seeded: bool = False,
 
     ``rows`` is the number of prompts in the batch: only one is decoded here (a batch amortizes
     generate()'s overhead over its rows anyway). A seeded sampling run keeps generate()'s
-    per-prompt random streams (nlgen.sampling); ``logprobs`` needs generate()'s step logits.
+    per-prompt random streams (nlgen.engine.sampling); ``logprobs`` needs generate()'s step logits.
     """
     if rows != 1 or logprobs or (lm.lean is None and _cache_arg(lm.model) is None):
         return None
@@ -130,15 +130,16 @@ def decode(lm: Any, *, input_ids: Any, generation_config: Any, max_new_tokens: i
 def stepper(lm: Any, max_len: int) -> Callable[[Any, int], Any]:
     """``step(ids (1, T), position) -> (1, V)`` float32 logits of the token after ``ids``.
 
-    nlgen.lean_llama's forward for the models it supports (the same arithmetic, less around
+    nlgen.engine.lean_llama's forward for the models it supports (the same arithmetic, less around
     it), else the model's own forward with a DynamicCache. Either keeps its cache between calls.
     """
     import torch
 
-    from nlgen import lean_llama
+    from nlgen.engine import lean_llama
+    from nlgen.models import lean_weights
 
     if lm.lean is None and lean_llama.supports(lm.model):
-        lm.lean = lean_llama.from_model(lm.model)  # once: its fused weights are copies
+        lm.lean = lean_weights.from_model(lm.model)  # once: its fused weights are copies
     if lm.lean is not None:
         return lean_llama.LeanLlama(lm.lean, max_len).step
     from transformers import DynamicCache

@@ -1,7 +1,7 @@
 """Scoring records: a completion given a prompt, or which of several choices a model prefers.
 
 Records come from the input layer (nlgen.inputs: one JSON object a line, or plain text lines)
-and are scored by nlgen.likelihood, which tokenizes exactly as lm-eval's ``loglikelihood``:
+and are scored by nlgen.score.likelihood, which tokenizes exactly as lm-eval's ``loglikelihood``:
 
 - ``{"prompt": p, "completion": c}``: log p(c | p), summed over c's tokens (nats);
 - ``{"prompt": p, "choices": [c0, c1, ...], "label": k}``: log p(ci | p) for each choice;
@@ -29,17 +29,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nlgen.compare import ReferenceContext
+from nlgen.batching import read_ahead
 from nlgen.inputs import Record
-from nlgen.likelihood import (
+from nlgen.models.adapters import ReferenceContext
+from nlgen.models.loading import LoadedModel
+from nlgen.score.likelihood import (
     READ_AHEAD_BATCHES,
     ContinuationScore,
     ContinuationScorer,
     LikelihoodOptions,
     Request,
 )
-from nlgen.loading import LoadedModel
-from nlgen.streaming import read_ahead
 
 ProgressCallback = Callable[[int, int], None]  # (records scored so far, records read so far)
 

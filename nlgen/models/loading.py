@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from nlgen import adapters, gguf, loaders, quantized
-from nlgen.devices import (
+from nlgen.errors import ModelError
+from nlgen.models import adapters, gguf, quantized, readers
+from nlgen.models.devices import (
     check_device_spec,
     check_dtype_spec,
     cpu_snapshot,
@@ -30,7 +31,6 @@ from nlgen.devices import (
     resolve_dtype,
     spare_threads,
 )
-from nlgen.errors import ModelError
 
 log = logging.getLogger("nlgen")
 
@@ -58,7 +58,7 @@ class ModelSpec:
 class LoadedModel:
     """A model ready to run, with what the user should see about it.
 
-    A Llama read by nlgen.lean_llama (generation on the CPU) has ``lean`` weights and builds
+    A Llama read by nlgen.engine.lean_llama (generation on the CPU) has ``lean`` weights and builds
     transformers' model only when something asks for ``model`` (``loader``): a batch, beams,
     --logprobs. Until then neither its import (~1.7 s) nor its build is paid.
     """
@@ -71,7 +71,7 @@ class LoadedModel:
     dtype: str  # "float32", "bfloat16", "float16"
     model_id: str = ""  # the --model value actually loaded: "builtin" after the default fell back
     quantization: str = "none"  # "int4" / "int8": weight-only, see nlgen.quantize
-    lean: Any = field(default=None, repr=False)  # nlgen.lean_llama.Weights, or None
+    lean: Any = field(default=None, repr=False)  # nlgen.engine.lean_llama.Weights, or None
     loader: Callable[[], Any] | None = field(default=None, repr=False)  # builds `model`
 
     @property
@@ -355,7 +355,7 @@ def _load_pretrained(
     import torch
     from safetensors import SafetensorError
 
-    loaders.quiet_transformers()
+    readers.quiet_transformers()
     device = resolve_device(device)
     if quantize in ("int4", "int8") and dtype == "auto":
         dtype = "bfloat16"  # the quantized kernels compute in bfloat16
@@ -366,18 +366,18 @@ def _load_pretrained(
     base = adapter_base_source(Path(source)) if Path(source).is_dir() else None
 
     def full() -> tuple[Any, str]:
-        return loaders.full_model(source, device, dtype, quantize, cache, kwargs, base)
+        return readers.full_model(source, device, dtype, quantize, cache, kwargs, base)
 
     if Path(source).is_dir():
-        loaders.check_tokenizer_files(Path(source), display)
+        readers.check_tokenizer_files(Path(source), display)
     try:
-        tokenizer = loaders.tokenizer(source, kwargs)
+        tokenizer = readers.tokenizer(source, kwargs)
         lean, quantization = None, "none"
         if purpose == "generate" and device == "cpu" and Path(source).is_dir():
-            lean, quantization = loaders.lean_weights(Path(source), dtype, quantize, cache)
+            lean, quantization = readers.lean_weights(Path(source), dtype, quantize, cache)
         model, quantization = (None, quantization) if lean is not None else full()
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
-        raise loaders.load_error(display, exc) from exc
+        raise readers.load_error(display, exc) from exc
     if device == "cpu" and (threads := spare_threads(window, torch.get_num_threads())) < \
             torch.get_num_threads():
         log.info("other processes keep the CPU busy: using %d thread(s)", threads)
@@ -390,7 +390,7 @@ def _load_pretrained(
         try:
             return full()[0]
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
-            raise loaders.load_error(display, exc) from exc
+            raise readers.load_error(display, exc) from exc
 
     return LoadedModel(model, tokenizer, display, source, device, dtype, model_id, quantization,
                        lean=lean, loader=later if lean is not None else None)

@@ -16,8 +16,8 @@ import socket
 import tempfile
 from pathlib import Path
 
-from nlgen.devices import process_alive
 from nlgen.errors import ModelError, OutputError, first_line, write_failure
+from nlgen.models.devices import process_alive
 
 log = logging.getLogger("nlgen")
 
@@ -132,7 +132,7 @@ def _convert(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nlgen.loaders import quiet_transformers
+    from nlgen.models.readers import quiet_transformers
 
     quiet_transformers()
     _quiet_gguf_reader()

@@ -3,7 +3,7 @@
 A ``.jsonl`` prompt file holds one of two record formats, told apart by their fields:
 
 - **nlgen prompts**: ``{"prompt": "..."}`` or ``{"messages": [{"role": ..., "content": ...}]}``,
-  with any of :data:`nlgen.record_options.OPTION_FIELDS` as per-record sampling options and
+  with any of :data:`nlgen.jobs.record_options.OPTION_FIELDS` as per-record sampling options and
   an optional ``id`` echoed back. Answered with ``nlgen generate --format jsonl`` records, one
   per sequence.
 - **OpenAI batch requests**, the input file of the OpenAI Batch API and of ``vllm run-batch``:
@@ -28,10 +28,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from nlgen import inputs, record_options, token_logprobs
+from nlgen import inputs
+from nlgen.engine import token_logprobs
+from nlgen.engine.generation import Generation, GenerationOptions
 from nlgen.errors import InputError, UsageError
-from nlgen.generation import Generation, GenerationOptions
 from nlgen.inputs import Prompt, Record
+from nlgen.jobs import record_options
 
 TEXT = "text"  # plain prompts: arguments, or a text file one a line
 PROMPTS = "prompts"  # a .jsonl file of nlgen prompt records

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nlgen import gguf, loading
 from nlgen.errors import ModelError
+from nlgen.models import gguf, loading
 
 
 @dataclass(frozen=True)

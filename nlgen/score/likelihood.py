@@ -15,7 +15,7 @@ and lm_eval/api/model.py: ``_encode_pair``, ``loglikelihood``, ``_loglikelihood_
 
 Where we differ, and why: the log-softmax is always taken in float32 (lm-eval takes it in the
 model's dtype unless told otherwise: the same for float32 models), sums are float64, and the LM
-head runs only at the continuation positions (see nlgen.scoring). Batches hold requests of
+head runs only at the continuation positions (see nlgen.score.scoring). Batches hold requests of
 similar length, longest first, right-padded, within a read-ahead group of
 ``batch_size * READ_AHEAD_BATCHES`` requests, so results stream out in input order.
 
@@ -30,11 +30,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nlgen.batching import read_ahead
 from nlgen.errors import UsageError
-from nlgen.loading import LoadedModel
-from nlgen.scoring import CHUNK_ELEMENTS, split_model
-from nlgen.streaming import read_ahead
-from nlgen.token_bytes import TokenText
+from nlgen.models.loading import LoadedModel
+from nlgen.score.scoring import CHUNK_ELEMENTS, split_model
+from nlgen.score.token_bytes import TokenText
 
 log = logging.getLogger("nlgen")
 

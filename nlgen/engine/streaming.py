@@ -1,70 +1,16 @@
-"""Text in and out as it comes: prompt windows from a slow producer, streamed text, stop strings.
+"""Text out as it comes: streamed text and stop strings.
 
-Prompts are read by a thread, so that ``producer | nlgen generate`` answers each prompt of a
-trickling producer at once while a fast one fills whole batches; generated text is handed out
-piece by piece, never past a stop string and never half a UTF-8 character.
+Generated text is handed out piece by piece, never past a stop string and never half a UTF-8
+character; a stop string counts only where it lies wholly in the generated text.
 """
 
 from __future__ import annotations
 
 import functools
-import queue
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from nlgen.errors import NlgenError
-
 T = TypeVar("T")
-
-WINDOW_BATCHES = 8  # items read ahead = batch_size * this, sorted by length inside the window
-
-
-_END = object()
-
-
-def read_windows(source: Iterator[T], batch_size: int,
-             ) -> Iterator[tuple[list[T], NlgenError | None]]:
-    """Group prompts into windows without waiting on a slow producer.
-
-    A reader thread pulls prompts (perhaps from a pipe that trickles) into a queue. Each window
-    takes the first prompt waiting, then whatever else has already arrived, up to
-    ``batch_size * WINDOW_BATCHES``: a fast producer fills whole batches, a slow one (a person
-    typing, a script emitting now and then) gets each prompt answered as it comes. A read error
-    (a non-UTF-8 line) ends the input after the good prompts before it are done.
-    """
-    items: queue.Queue = queue.Queue()
-
-    def reader() -> None:
-        try:
-            for item in source:
-                items.put(item)
-            items.put(_END)
-        except BaseException as exc:  # handed to the consumer, which raises it in its thread
-            items.put(exc)
-
-    threading.Thread(target=reader, daemon=True, name="nlgen-prompts").start()
-    limit = batch_size * WINDOW_BATCHES
-    while True:
-        window: list[T] = []
-        item = items.get()
-        while True:
-            if item is _END or isinstance(item, BaseException):
-                failure = item if isinstance(item, NlgenError) else None
-                if isinstance(item, BaseException) and failure is None:
-                    raise item
-                yield window, failure
-                return
-            window.append(item)
-            if len(window) >= limit:
-                break
-            try:  # more already waiting, or about to be (a fast producer): take it along
-                item = items.get(timeout=0.02 if len(window) < batch_size else 0)
-            except queue.Empty:
-                break
-        yield window, None
-
-
 
 def cut_at_stop(text: str, stops: Iterable[str]) -> str | None:
     """The text before the earliest stop string, or None when no stop string occurs."""
@@ -79,7 +25,7 @@ class StopStrings:
     special tokens skipped): text that begins in the prompt and ends in the output is no match.
     (transformers' ``stop_strings`` looks at the whole sequence, prompt included, so it is not
     used.) One object per batch: its criterion (:meth:`criteria`, for generate() and
-    nlgen.decode) tests every row after every new token and notes where each row first held a
+    nlgen.engine.decode) tests every row after every new token and notes where each row first held a
     stop string; :meth:`end` then cuts the finished row there, whatever padding follows in the
     batch. So a prompt gets the same record alone and in a batch.
     """
@@ -229,18 +175,3 @@ class StopAwareStreamer:
             self.emit(text[len(self.sent):])
             self.sent = text
 
-
-def read_ahead(items: Iterable[T], full: Callable[[list[T]], bool]) -> Iterator[list[T]]:
-    """Consecutive groups of `items`, each closed as soon as ``full(group)`` holds.
-
-    The scorers read their input a group at a time: enough to batch well (sorted by length),
-    little enough that results come out while later input is still being read.
-    """
-    group: list[T] = []
-    for item in items:
-        group.append(item)
-        if full(group):
-            yield group
-            group = []
-    if group:
-        yield group

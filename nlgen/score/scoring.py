@@ -34,8 +34,8 @@ from typing import Any
 
 from nlgen.errors import UsageError
 from nlgen.inputs import Text
-from nlgen.loading import LoadedModel
-from nlgen.windows import (
+from nlgen.models.loading import LoadedModel
+from nlgen.score.windows import (
     Batch,
     Pending,
     ProgressCallback,
@@ -182,7 +182,7 @@ def safe_exp(x: float) -> float:
 class Scorer(WindowRunner):
     """A loaded model ready to score texts with fixed options.
 
-    ``shard=(rank, ranks)`` scores every ranks-th window of each group (nlgen.parallel adds the
+    ``shard=(rank, ranks)`` scores every ranks-th window of each group (nlgen.jobs.parallel adds the
     ranks' sums up); a text's result is then this rank's share of it.
     """
 
@@ -195,7 +195,7 @@ class Scorer(WindowRunner):
 
     def score(self, texts: Iterable[Text],
               progress: ProgressCallback | None = None) -> Iterator[TextScore]:
-        """A result per input, in input order (see :class:`nlgen.windows.WindowRunner`)."""
+        """A result per input, in input order (see :class:`nlgen.score.windows.WindowRunner`)."""
         for pending in self.run(texts, progress):
             yield _result(pending)
 

@@ -32,12 +32,12 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from nlgen.engine.extra_options import kebab
 from nlgen.errors import UsageError, first_line
-from nlgen.extra_options import kebab
 
 if TYPE_CHECKING:
-    from nlgen.generation import GenerationOptions
-    from nlgen.loading import LoadedModel
+    from nlgen.engine.generation import GenerationOptions
+    from nlgen.models.loading import LoadedModel
 
 log = logging.getLogger("nlgen")
 

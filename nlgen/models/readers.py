@@ -1,7 +1,8 @@
 """How a saved model's files become objects: transformers' ``from_pretrained`` (with nlgen's
-quantization), or nlgen.lean_llama's direct read of a Llama for one-prompt generation.
+quantization), or the direct read of a Llama's tensors for one-prompt generation
+(nlgen.models.lean_weights).
 
-nlgen.loading decides which; this module does it. torch and transformers are imported inside
+nlgen.models.loading decides which; this module does it. torch and transformers are imported inside
 the functions.
 """
 
@@ -11,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nlgen import quantized
 from nlgen.errors import ModelError, first_line
+from nlgen.models import quantized
 
 
 def quiet_transformers() -> None:
@@ -75,10 +76,10 @@ def tokenizer(source: str, kwargs: dict[str, Any]) -> Any:
 
 def lean_weights(directory: Path, dtype: str, quantize: str,
                   cache: Path | None) -> tuple[Any, str]:
-    """nlgen.lean_llama's weights for a saved Llama, int4 from the cache where ``quantize``
+    """The lean forward's weights for a saved Llama, int4 from the cache where ``quantize``
     asks for it and the cache is there; (None, "none") when the usual load must do it (another
     architecture, int8, or the int4 cache not made yet: the usual load makes it)."""
-    from nlgen import lean_llama
+    from nlgen.models.lean_weights import from_files
 
     int4, kind = None, "none"
     if quantize == "int8":
@@ -89,7 +90,7 @@ def lean_weights(directory: Path, dtype: str, quantize: str,
             return None, "none"
         if found[1] or quantize == "int4":  # exact 4-bit blocks, or asked for
             int4, kind = found[0], "int4"
-    weights = lean_llama.from_files(directory, dtype, int4)
+    weights = from_files(directory, dtype, int4)
     return (weights, kind) if weights is not None else (None, "none")
 
 

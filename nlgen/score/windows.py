@@ -13,7 +13,7 @@ pipeline sees them while later input is still being read.
 A long text is tokenized a piece at a time (:class:`Tokenize`): the tokenizer's working memory
 for a whole text is some 200 bytes per character, its ids 4 bytes per token. What no window
 predicts (the first token; with ``stride == max_length`` each window's first) is measured in
-bytes and words (:meth:`nlgen.token_bytes.TokenSizes.share`), so that per-byte and per-word
+bytes and words (:meth:`nlgen.score.token_bytes.TokenSizes.share`), so that per-byte and per-word
 figures divide by what was scored.
 """
 
@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from nlgen.batching import read_ahead
 from nlgen.inputs import Text
-from nlgen.loading import LoadedModel
-from nlgen.streaming import read_ahead
-from nlgen.token_bytes import TokenSizes
+from nlgen.models.loading import LoadedModel
+from nlgen.score.token_bytes import TokenSizes
 
 READ_AHEAD_TEXTS = 8  # texts read ahead = batch_size * this, their windows sorted by length
 READ_AHEAD_WINDOWS = 8  # ... or until this many batches of windows are pending
