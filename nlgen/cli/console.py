@@ -7,7 +7,6 @@ bars appear only on a terminal, and never when NO_COLOR is set.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -18,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 
+from nlgen import jsonl
 from nlgen.errors import OutputError
 
 _stderr: Console | None = None
@@ -180,7 +180,7 @@ def end_line() -> None:
 
 
 def write_jsonl(record: Mapping[str, Any], stream: IO[str] | None = None) -> None:
-    write(json.dumps(record, ensure_ascii=False) + "\n", stream)
+    write(jsonl.dumps(record) + "\n", stream)
 
 
 class ProgressBar:

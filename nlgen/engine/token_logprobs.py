@@ -16,10 +16,10 @@ Core module: no typer, no rich, no printing.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from nlgen.errors import UsageError
+from nlgen.jsonl import json_float
 from nlgen.score.likelihood import TokenLogprob, TopLogprob
 from nlgen.score.token_bytes import TokenText
 
@@ -92,12 +92,7 @@ def openai_content(tokens: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
 
     ``top_logprobs`` is always there, empty when no alternatives were asked for.
     """
-    return [{"token": t.token, "logprob": _finite(t.logprob), "bytes": list(t.bytes),
-             "top_logprobs": [{"token": a.token, "logprob": _finite(a.logprob),
+    return [{"token": t.token, "logprob": json_float(t.logprob), "bytes": list(t.bytes),
+             "top_logprobs": [{"token": a.token, "logprob": json_float(a.logprob),
                                "bytes": list(a.bytes)} for a in t.top]}
             for t in tokens]
-
-
-def _finite(x: float) -> float | None:
-    """JSON has no -inf: a token the model rules out entirely has a null log-prob."""
-    return x if math.isfinite(x) else None

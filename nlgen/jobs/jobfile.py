@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from nlgen import jsonl
 from nlgen.errors import InputError, OutputError, UsageError
 
 log = logging.getLogger("nlgen")
@@ -323,7 +324,7 @@ class ResumableWriter:
         key = self.key(record)
         if key in self._done:
             return False
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        line = (jsonl.dumps(record) + "\n").encode("utf-8")
         try:
             view = memoryview(line)
             while view:  # a regular file takes it all at once; loop in case it does not
