@@ -7,7 +7,8 @@ import json
 import pytest
 
 from nlgen import inputs
-from nlgen.engine.generation import Generation, GenerationOptions
+from nlgen.engine.generation import Generation
+from nlgen.engine.options import GenerationOptions
 from nlgen.errors import UsageError
 from nlgen.inputs import Record
 from nlgen.jobs import batchjob

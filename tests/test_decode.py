@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from nlgen.engine import decode
-from nlgen.engine.generation import GenerationOptions, build_generation_config, generate
+from nlgen.engine.generation import generate
+from nlgen.engine.options import GenerationOptions
+from nlgen.engine.sampling import build_generation_config
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "A"]
 

@@ -7,13 +7,9 @@ import logging
 import pytest
 
 from nlgen.engine.extra_options import parse_extra_options
-from nlgen.engine.generation import (
-    GPT2_SAMPLING,
-    GenerationOptions,
-    GenerationStats,
-    build_generation_config,
-    generate,
-)
+from nlgen.engine.generation import GenerationStats, generate
+from nlgen.engine.options import GPT2_SAMPLING, GenerationOptions
+from nlgen.engine.sampling import build_generation_config
 from nlgen.engine.streaming import cut_at_stop
 from nlgen.errors import InputError, UsageError
 

@@ -12,7 +12,9 @@ import pytest
 
 from nlgen.engine import decode
 from nlgen.engine.extra_options import parse_extra_options
-from nlgen.engine.generation import GenerationOptions, build_generation_config, generate
+from nlgen.engine.generation import generate
+from nlgen.engine.options import GenerationOptions
+from nlgen.engine.sampling import build_generation_config
 from nlgen.engine.streaming import StopStrings
 from nlgen.errors import InputError, UsageError
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from nlgen.engine import decode, lean_llama
-from nlgen.engine.generation import GenerationOptions, build_generation_config
+from nlgen.engine.options import GenerationOptions
+from nlgen.engine.sampling import build_generation_config
 from nlgen.models import lean_weights, quantized
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "A"]

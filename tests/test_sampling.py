@@ -7,8 +7,14 @@ import warnings
 
 import pytest
 
-from nlgen.engine.generation import GenerationOptions, build_generation_config
-from nlgen.engine.sampling import build_warpers, gumbel_sampler, row_seed, seeded_generate
+from nlgen.engine.options import GenerationOptions
+from nlgen.engine.sampling import (
+    build_generation_config,
+    build_warpers,
+    gumbel_sampler,
+    row_seed,
+    seeded_generate,
+)
 
 PROMPTS = [
     "Once upon a time there was",
@@ -134,8 +140,7 @@ def test_first_token_frequencies_match_the_softmax(tiny_lm, opts):
 ], ids=["default", "greedy", "top-p", "beams"])
 def test_resolve_config_fills_what_generate_fills(tiny_lm, opts):
     """sampling.resolve_config, without the model, equals generate()'s own resolution."""
-    from nlgen.engine.generation import build_generation_config
-    from nlgen.engine.sampling import resolve_config
+    from nlgen.engine.sampling import build_generation_config, resolve_config
 
     config = build_generation_config(tiny_lm, opts)
     expected, _ = tiny_lm.model._prepare_generation_config(config)

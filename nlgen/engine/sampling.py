@@ -33,23 +33,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from nlgen.engine.extra_options import kebab
+from nlgen.engine.options import GPT2_SAMPLING, SAMPLING_FIELDS, SAMPLING_OPTIONS, GenerationOptions
 from nlgen.errors import UsageError, first_line
 
 if TYPE_CHECKING:
-    from nlgen.engine.generation import GenerationOptions
     from nlgen.models.loading import LoadedModel
 
 log = logging.getLogger("nlgen")
-
-# Sampling as in the GPT-2 examples of the Hugging Face docs ("How to generate text"), used when
-# the model's own generation config does not ask for sampling itself.
-GPT2_SAMPLING = {"do_sample": True, "top_k": 50, "top_p": 0.95}
-# nlgen's options that only sampling uses.
-SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "typical_p")
-# The GenerationConfig fields that only take effect when sampling (generate's warpers).
-SAMPLING_FIELDS = ("temperature", "top_h", "top_k", "top_p", "min_p", "typical_p",
-                   "epsilon_cutoff", "eta_cutoff")
-
 
 def row_seed(seed: int, index: int, sequence: int = 0) -> int:
     """The seed of one row's generator: stable across runs, processes and Python versions.

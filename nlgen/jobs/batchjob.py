@@ -30,7 +30,8 @@ from typing import Any
 
 from nlgen import inputs
 from nlgen.engine import token_logprobs
-from nlgen.engine.generation import Generation, GenerationOptions
+from nlgen.engine.generation import Generation
+from nlgen.engine.options import GenerationOptions
 from nlgen.errors import InputError, UsageError
 from nlgen.inputs import Prompt, Record
 from nlgen.jobs import record_options

@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 
 from nlgen import batching
 from nlgen.engine import generation
-from nlgen.engine.generation import Generation, GenerationOptions, GenerationStats
+from nlgen.engine.generation import Generation, GenerationStats
+from nlgen.engine.options import GenerationOptions
 from nlgen.errors import UsageError
 from nlgen.inputs import STDIN
 from nlgen.jobs import distributed

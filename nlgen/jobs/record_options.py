@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from nlgen.engine.generation import GenerationOptions
+from nlgen.engine.options import GenerationOptions
 from nlgen.errors import UsageError
 
 # A record's option -> GenerationOptions field. OpenAI's names first, then nlgen's own.
