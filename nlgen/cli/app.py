@@ -2,63 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
-from typer import rich_utils
-from typer.core import TyperOption
 
 from nlgen import __version__
-from nlgen.cli import finetune, generate, models, perplexity, score
-from nlgen.cli.console import StdoutError, error, no_color, silence_stdout
-from nlgen.cli.runtime import end_process, flush_stdout_quietly, is_main_process
+from nlgen.cli import finetune, generate, models, perplexity, score, typer_patches
+from nlgen.cli.console import StdoutError, error, silence_stdout
+from nlgen.cli.runtime import end_process, flush_stdout_quietly
 
-_display_type_rich = TyperOption.display_type_rich
-
-
-def _flag_type(self: TyperOption, ctx: typer.Context) -> str | None:
-    """A flag takes no value: show no type for it (Typer 0.29 labels every flag ``<bool>``)."""
-    if self.is_flag and self.metavar is None:
-        return None
-    return _display_type_rich(self, ctx)
-
-
-TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
-
-
-def _usage_error(exc: Any) -> None:
-    """Typer's usage errors (a bad choice, an unknown option) as one ``Error:`` line, like ours.
-
-    Typer draws them in a multi-line box; every other nlgen failure is one line on stderr.
-    """
-    if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed: nothing to add
-        return
-    if not is_main_process():  # under a launcher every rank has the same bad option: say it once
-        return
-    ctx = getattr(exc, "ctx", None)
-    hint = f"{ctx.command_path} --help lists the options" if ctx is not None else None
-    error(" ".join(exc.format_message().split()), hint)
-
-
-rich_utils.rich_format_error = _usage_error
-
-_rich_console = rich_utils._get_rich_console
-
-
-def _help_console(stderr: bool = False) -> Any:
-    """Typer's console for --help, plain under NO_COLOR (rich alone drops the colours but keeps
-    bold and dim), and a closed pipe a BrokenPipeError for main (exit 0; rich exits 1)."""
-    rich_utils.COLOR_SYSTEM = None if no_color() else "auto"
-    console = _rich_console(stderr=stderr)
-
-    def broken_pipe() -> None:
-        raise BrokenPipeError
-
-    console.on_broken_pipe = broken_pipe
-    return console
-
-
-rich_utils._get_rich_console = _help_console
+typer_patches.apply()
 
 app = typer.Typer(
     name="nlgen",

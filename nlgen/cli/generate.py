@@ -199,6 +199,7 @@ def generate(
             view.lm = loading.load_model(model, device=rank_device, dtype=dtype.value,
                                          trust_remote_code=trust_remote_code,
                                          quantize=quantize.value)
+            runtime.use_spare_threads(view.lm)
             if stream and view.show_prompt:
                 console.write(job.first)
             return view.lm

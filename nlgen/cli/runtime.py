@@ -9,6 +9,7 @@ anything unexpected -> 1 with a hint to set NLGEN_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import sys
@@ -30,6 +31,43 @@ def debug_enabled() -> bool:
     return os.environ.get("NLGEN_DEBUG", "") not in ("", "0", "false", "no")
 
 
+# The libraries underneath print warnings and progress bars of their own; nlgen owns stderr.
+# Set for nlgen's own process by the CLI (never by the core), as defaults a user's own setting
+# overrides; they are read when each library is imported.
+QUIET_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                   "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "DATASETS_VERBOSITY": "error"}
+
+
+def quiet_libraries() -> None:
+    """Quiet transformers, the Hub client and datasets for this process (their env defaults)."""
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
+    # Already imported (a command run inside a larger program, or tests): tell them directly.
+    bars_off = os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    if "transformers" in sys.modules:
+        if os.environ["TRANSFORMERS_VERBOSITY"] == "error":
+            sys.modules["transformers"].logging.set_verbosity_error()
+        if bars_off:
+            sys.modules["transformers"].logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules and bars_off:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def use_spare_threads(lm: Any) -> None:
+    """Take a loaded model's thread advice (fewer threads while other processes keep cores
+    busy: see devices.spare_threads): this process is nlgen's, so the CLI decides."""
+    if lm.spare_threads is None:
+        return
+    import torch
+
+    if lm.spare_threads < torch.get_num_threads():
+        logging.getLogger("nlgen").info("other processes keep the CPU busy: using %d thread(s)",
+                                        lm.spare_threads)
+        torch.set_num_threads(lm.spare_threads)
+
+
 def guard(command: F) -> F:
     """Wrap a command so that no user-facing failure ends in a traceback."""
 
@@ -40,6 +78,7 @@ def guard(command: F) -> F:
         main = is_main_process()
         setup_logging(verbose=bool(kwargs.get("verbose")),
                       quiet=bool(kwargs.get("quiet")) or not main)
+        quiet_libraries()
         try:
             with terminate_as_interrupt():
                 return command(*args, **kwargs)

@@ -7,6 +7,7 @@ under a file lock, so concurrent runs and crashes never leave a half-written ent
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -14,6 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from nlgen.errors import ModelError, OutputError, first_line, write_failure
@@ -132,14 +134,11 @@ def _convert(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nlgen.models.readers import quiet_transformers
-
-    quiet_transformers()
-    _quiet_gguf_reader()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        with _quiet_gguf_reader():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.float32)
     except Exception as exc:  # gguf's own errors are many and untyped
         raise ModelError(f"cannot read GGUF file {gguf}: {first_line(exc)}") from exc
     # A model loaded from GGUF carries its quantizer and refuses save_pretrained ("quantized
@@ -162,16 +161,25 @@ def _convert(gguf: Path, target: Path) -> None:
         raise _cache_error(target.parent, exc) from None
 
 
-def _quiet_gguf_reader() -> None:
+@contextlib.contextmanager
+def _quiet_gguf_reader() -> Iterator[None]:
     """transformers' GGUF reader draws a plain tqdm bar that its own switch does not reach.
 
     We say on stderr, once, that the conversion runs; a bar of 272 tensors adds only noise (and
-    escape codes in logs). tqdm reads TQDM_DISABLE when it is imported, too early for us.
+    escape codes in logs). tqdm reads TQDM_DISABLE when it is imported, too early for us. The
+    bar is switched off for the conversion only, and put back after it.
     """
     try:
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
     except ImportError:
+        yield
         return
     bar = getattr(gguf_utils, "tqdm", None)
-    if bar is not None and not isinstance(bar, functools.partial):
-        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar

@@ -73,6 +73,9 @@ class LoadedModel:
     quantization: str = "none"  # "int4" / "int8": weight-only, see nlgen.quantize
     lean: Any = field(default=None, repr=False)  # nlgen.engine.lean_llama.Weights, or None
     loader: Callable[[], Any] | None = field(default=None, repr=False)  # builds `model`
+    # CPU threads to use, measured while loading: fewer than torch's when other processes kept
+    # cores busy (devices.spare_threads); None: no advice. Applying it is the caller's choice.
+    spare_threads: int | None = None
 
     @property
     def context_length(self) -> int:
@@ -355,7 +358,6 @@ def _load_pretrained(
     import torch
     from safetensors import SafetensorError
 
-    readers.quiet_transformers()
     device = resolve_device(device)
     if quantize in ("int4", "int8") and dtype == "auto":
         dtype = "bfloat16"  # the quantized kernels compute in bfloat16
@@ -378,10 +380,9 @@ def _load_pretrained(
         model, quantization = (None, quantization) if lean is not None else full()
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise readers.load_error(display, exc) from exc
-    if device == "cpu" and (threads := spare_threads(window, torch.get_num_threads())) < \
-            torch.get_num_threads():
-        log.info("other processes keep the CPU busy: using %d thread(s)", threads)
-        torch.set_num_threads(threads)
+    # Advice, not an action: how many threads a process should keep is the caller's decision
+    # (the CLI takes it; a library user's process is theirs).
+    threads = spare_threads(window, torch.get_num_threads()) if device == "cpu" else None
     if tokenizer.pad_token is None:
         # Batched generation pads; a model without a pad token pads with EOS (masked out anyway).
         tokenizer.pad_token = tokenizer.eos_token
@@ -393,4 +394,5 @@ def _load_pretrained(
             raise readers.load_error(display, exc) from exc
 
     return LoadedModel(model, tokenizer, display, source, device, dtype, model_id, quantization,
-                       lean=lean, loader=later if lean is not None else None)
+                       lean=lean, loader=later if lean is not None else None,
+                       spare_threads=threads)

@@ -15,17 +15,6 @@ from typing import Any
 from nlgen.errors import ModelError, first_line
 from nlgen.models import quantized
 
-
-def quiet_transformers() -> None:
-    """transformers and the Hub print warnings and progress bars of their own; we own stderr."""
-    import transformers
-    from huggingface_hub.utils import disable_progress_bars
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    disable_progress_bars()
-
-
 # A directory holds a tokenizer when it has one of these (a glob each): the tokenizers file,
 # GPT-2's vocabulary and merges, a sentencepiece or tiktoken model, a WordPiece vocabulary.
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("*.model",),
