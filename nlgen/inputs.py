@@ -360,8 +360,9 @@ def _kind(path: Path) -> str:
     return {".jsonl": "jsonl", ".csv": "csv"}.get(path.suffix.lower(), "text")
 
 
-def check_sources(names: Iterable[str], text_field: str) -> list[Source]:
-    """Every input exists, is UTF-8 and holds text (and the text field, for jsonl/csv)."""
+def check_sources(names: Iterable[str], text_field: str | None) -> list[Source]:
+    """Every input exists, is UTF-8 and holds text (and the text field, for jsonl/csv, unless
+    ``text_field`` is None: records, or a format still to be told; see check_text_field)."""
     sources: list[Source] = []
     for given in names:
         for name, path in expand(given):
@@ -376,10 +377,15 @@ def check_sources(names: Iterable[str], text_field: str) -> list[Source]:
             sha, size, has_text = _scan(name, path)
             if size == 0 or not has_text:
                 raise InputError(f"{name} is empty: no text to train on")
-            kind = _kind(path)
-            if kind == "jsonl":
-                _check_jsonl(name, path, text_field)
-            elif kind == "csv":
-                _check_csv(name, path, text_field)
-            sources.append(Source(name, path, kind, sha, size))
+            sources.append(Source(name, path, _kind(path), sha, size))
+            if text_field is not None:
+                check_text_field(sources[-1], text_field)
     return sources
+
+
+def check_text_field(source: Source, text_field: str) -> None:
+    """A .jsonl or .csv source holds ``text_field`` as a string in every record."""
+    if source.kind == "jsonl" and source.path is not None:
+        _check_jsonl(source.name, source.path, text_field)
+    elif source.kind == "csv" and source.path is not None:
+        _check_csv(source.name, source.path, text_field)

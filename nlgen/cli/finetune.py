@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -44,6 +45,20 @@ LORA = "LoRA (peft)"
 OUT = "Output, checkpoints and progress"
 
 
+class FinetuneInput(str, Enum):
+    """--input-format: auto tells a .jsonl file's format by its first record's keys."""
+
+    auto = "auto"
+    text = "text"
+    messages = "messages"
+    prompt_completion = "prompt-completion"
+
+
+class TrainOn(str, Enum):
+    completion = "completion"
+    all = "all"
+
+
 @guard
 def finetune(
     ctx: typer.Context,
@@ -69,14 +84,26 @@ def finetune(
     text_field: Annotated[str, typer.Option(
         "--text-field", help="The .jsonl / .csv field holding the text.",
         rich_help_panel=DATA)] = "text",
+    input_format: Annotated[FinetuneInput, typer.Option(
+        "--input-format", help="text; messages: {\"messages\": [{role, content}, ...]}; "
+        "prompt-completion: {\"prompt\", \"completion\"} (auto: by a .jsonl file's first "
+        "record).", rich_help_panel=DATA)] = FinetuneInput.auto,
+    train_on: Annotated[TrainOn, typer.Option(
+        "--train-on", help="completion: the loss covers the assistant replies (weight 1) or "
+        "the completion only; all: every token.", rich_help_panel=DATA)] = TrainOn.completion,
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="Leave bad records out (counted) instead of stopping.",
+        rich_help_panel=DATA)] = False,
     validation_file: Annotated[str | None, typer.Option(
-        "--validation-file", help="Text to measure perplexity on (instead of a split).",
+        "--validation-file", help="Data to measure the loss on (instead of a split).",
         rich_help_panel=DATA)] = None,
     validation_split: Annotated[float | None, typer.Option(
-        "--validation-split", help="Share of the blocks held out (at least one block; 0: none).",
+        "--validation-split", help="Share of the blocks or records held out (at least one; "
+        "0: none).",
         show_default=str(DEFAULT_VALIDATION_SPLIT), rich_help_panel=DATA)] = None,
     block_size: Annotated[int | None, typer.Option(
-        "--block-size", help="Tokens per training sequence.",
+        "--block-size", help="Tokens per training sequence (records: at most; longer ones "
+        "are cut).",
         show_default="the model's context, at most 1024", rich_help_panel=DATA)] = None,
     epochs: Annotated[float | None, typer.Option(
         "--epochs", help="Passes over the data.", show_default=f"{DEFAULT_EPOCHS:g}",
@@ -129,6 +156,9 @@ def finetune(
         show_default="none: an unconditional sample", rich_help_panel=OUT)] = "",
     logging_steps: Annotated[int, typer.Option(
         "--logging-steps", help="Log the loss every N steps.", rich_help_panel=OUT)] = 10,
+    eval_steps: Annotated[int | None, typer.Option(
+        "--eval-steps", help="Measure the validation loss every N steps.",
+        show_default="each epoch, and at the end", rich_help_panel=OUT)] = None,
     save_steps: Annotated[int, typer.Option(
         "--save-steps", help="Checkpoint every N steps.", rich_help_panel=OUT)] = 500,
     save_total_limit: Annotated[int, typer.Option(
@@ -148,7 +178,9 @@ def finetune(
 
       nlgen finetune notes.txt --model builtin --epochs 1
 
-      nlgen finetune chats.jsonl --text-field body --max-steps 200 -o my-model
+      nlgen finetune chats.jsonl --model builtin -o my-chat   (messages: trains on the replies)
+
+      nlgen finetune notes.jsonl --text-field body --max-steps 200 -o my-model
 
       nlgen finetune docs/ --lora --sample-every 50 --sample-prompt "Dear"
 
@@ -161,6 +193,7 @@ def finetune(
     opts = FinetuneOptions(
         data=tuple(data), model=model, output_dir=output_dir, overwrite=overwrite, resume=resume,
         keep_checkpoints=keep_checkpoints, line_by_line=line_by_line, text_field=text_field,
+        input_format=input_format.value, train_on=train_on.value, skip_bad=skip_bad,
         validation_file=validation_file, validation_split=validation_split,
         block_size=block_size, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
         batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
@@ -169,7 +202,8 @@ def finetune(
         gradient_checkpointing=gradient_checkpointing, device=device.value, lora=lora,
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target=targets,
         merge=merge, sample_every=sample_every, sample_prompt=sample_prompt,
-        logging_steps=logging_steps, save_steps=save_steps, save_total_limit=save_total_limit,
+        logging_steps=logging_steps, eval_steps=eval_steps, save_steps=save_steps,
+        save_total_limit=save_total_limit,
         report_to=tuple(report_to or ()), trust_remote_code=trust_remote_code,
     )
     command = command_line(sys.argv[1:])
@@ -187,10 +221,18 @@ def finetune(
     measured = (f"validation perplexity {before:.2f} -> {after:.2f}"
                 + (f", KL from the base {kl:.4f} nats/token" if kl is not None else "") + "; "
                 if before is not None and after is not None else "")
+    examples = result.record.get("examples")
+    trained = (f" ({console.plural(examples['train']['trained_tokens'], 'trained token')} "
+               f"a pass, {examples['train']['masked_tokens']:,} masked)" if examples else "")
     console.notice(f"saved {result.output_dir}: {measured}"
                    f"{console.plural(result.record['steps'], 'step')}, "
-                   f"{console.plural(result.record['tokens_seen'], 'token')} in "
+                   f"{console.plural(result.record['tokens_seen'], 'token')}{trained} in "
                    f"{result.record['wall_time_s']:.1f} s")
+    curve = result.record.get("loss_curve") or {}
+    drawn = [str(result.output_dir / name) for name in (curve.get("csv"), curve.get("png"))
+             if name]
+    if drawn:
+        console.notice("loss per step: " + ", ".join(drawn))
     console.write(f"{result.output_dir}\n")
 
 
@@ -238,11 +280,14 @@ class _Renderer:
         if isinstance(event, Started):
             resumed = (f", resuming at step {event.resumed_from}"
                        if event.resumed_from is not None else "")
+            what = (f"validation blocks of {event.block_size} tokens"
+                    if event.data_format == "text" else
+                    f"validation examples ({event.data_format}, at most {event.block_size} "
+                    "tokens each)")
             console.say(f"finetune {event.model} on {event.device} ({event.precision}, "
                         f"{console.plural(event.world_size, 'process', 'processes')}): "
                         f"{event.train_blocks} training and {event.validation_blocks} "
-                        f"validation blocks of {event.block_size} tokens, "
-                        f"{console.plural(event.max_steps, 'step')}{resumed}")
+                        f"{what}, {console.plural(event.max_steps, 'step')}{resumed}")
             if self.live:
                 self.bar = console.ProgressBar("step", TextColumn("{task.fields[info]}"),
                                                transient=False)

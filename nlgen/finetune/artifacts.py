@@ -30,7 +30,8 @@ STATE = "nlgen_state.json"  # in the checkpoints dir
 
 # Settings that change what a checkpoint means: a resumed run must keep them. The others
 # (where and how often to log, sample, save and report) may change between the two runs.
-RESUME_FIXED = ("model", "text_field", "line_by_line", "validation_split", "block_size",
+RESUME_FIXED = ("model", "text_field", "input_format", "train_on", "skip_bad", "line_by_line",
+                "validation_split", "block_size",
                 "epochs", "max_steps", "learning_rate", "batch_size",
                 "gradient_accumulation_steps", "warmup_ratio", "weight_decay", "seed",
                 "precision", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target")
@@ -246,8 +247,10 @@ def partial_dir(output: Path) -> Path:
 
 
 def finish_output(trainer: Any, tokenizer: Any, opts: FinetuneOptions, plan: Plan,
-                  record: dict[str, Any], started: float) -> None:
+                  record: dict[str, Any], started: float, curve: list[dict[str, Any]]) -> None:
     """Complete the temporary directory, then rename it into place (main process only)."""
+    from nlgen.finetune.curve import write_curve
+
     tmp = partial_dir(plan.output)
     if opts.lora and opts.merge:
         # Merging folds B @ A into the base weights: a plain model every loader understands.
@@ -255,7 +258,11 @@ def finish_output(trainer: Any, tokenizer: Any, opts: FinetuneOptions, plan: Pla
     elif opts.lora:  # the base as the user named it (peft writes the path it was loaded from)
         _name_base(tmp / "adapter_config.json", record["base_model"]["source"])
     (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the record says it all
-    tokenizer.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)  # with its chat template: generate --chat uses it
+    names = ", ".join(Path(d["path"]).name for d in record["data"][:3])
+    record["loss_curve"] = write_curve(
+        tmp, curve, f"{record['base_model']['name']} on {names} ({record['format']})",
+        opts.logging_steps)
     runs = plan.checkpoints / "runs"
     if runs.is_dir():  # tensorboard logs belong with the model
         shutil.move(str(runs), str(tmp / "runs"))

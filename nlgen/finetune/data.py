@@ -21,10 +21,15 @@ log = logging.getLogger("nlgen")
 
 @dataclass
 class PackedData:
-    train: Any  # datasets.Dataset of {"input_ids", "labels"} blocks
+    """What the Trainer gets: packed blocks of text, or one sequence per record (examples)."""
+
+    train: Any  # datasets.Dataset of {"input_ids", "labels"} blocks (or examples)
     validation: Any | None
     block_size: int  # may be smaller than asked for, when the text is short
     train_tokens: int  # tokens in the training text (before dropping remainders)
+    format: str = "text"  # or the record formats: "messages", "prompt-completion", joined by +
+    facts: dict[str, Any] | None = None  # records: examples, trained and masked tokens
+    collator: Any = None  # records: pads each batch (None: the blocks need no padding)
 
 
 def _quiet_datasets() -> None:

@@ -56,6 +56,7 @@ class Started:
     output_dir: Path
     checkpoint_dir: Path
     resumed_from: int | None  # the step of the checkpoint resumed, if any
+    data_format: str = "text"  # text: packed blocks; records (messages, ...): one per example
 
 
 Event = StepProgress | Evaluation | Sample | Started

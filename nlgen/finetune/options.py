@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nlgen.errors import UsageError
+from nlgen.finetune.chat import INPUT_FORMATS, TRAIN_ON
 from nlgen.inputs import STDIN
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -26,9 +27,12 @@ class FinetuneOptions:
     # data
     line_by_line: bool = False  # each non-blank line of a text input is a document
     text_field: str = "text"  # the .jsonl / .csv field that holds the text
+    input_format: str = "auto"  # auto | text | messages | prompt-completion (chat.INPUT_FORMATS)
+    train_on: str = "completion"  # completion: assistant replies / completions only; all
+    skip_bad: bool = False  # leave bad records out (counted) instead of refusing the run
     validation_file: str | None = None
-    validation_split: float | None = None  # share of the packed blocks (None: 5%, at least
-    # one block; 0: no validation). Not with validation_file.
+    validation_split: float | None = None  # share of the packed blocks, or of the records
+    # (None: 5%, at least one; 0: no validation). Not with validation_file.
     block_size: int | None = None  # None: the model's context, capped at 1024
     # training
     epochs: float | None = None  # None and no max_steps: DEFAULT_EPOCHS
@@ -54,6 +58,7 @@ class FinetuneOptions:
     sample_prompt: str = ""  # "" : start from the EOS token (an unconditional sample)
     sample_max_new_tokens: int = 30
     logging_steps: int = 10
+    eval_steps: int | None = None  # validation loss every N steps too (None: each epoch)
     save_steps: int = 500
     save_total_limit: int = 2
     report_to: tuple[str, ...] = ()
@@ -72,7 +77,8 @@ class FinetuneOptions:
             "--max-steps": self.max_steps, "--batch-size": self.batch_size,
             "--gradient-accumulation-steps": self.gradient_accumulation_steps,
             "--block-size": self.block_size, "--logging-steps": self.logging_steps,
-            "--save-steps": self.save_steps, "--save-total-limit": self.save_total_limit,
+            "--save-steps": self.save_steps, "--eval-steps": self.eval_steps,
+            "--save-total-limit": self.save_total_limit,
             "--lora-r": self.lora_r, "--lora-alpha": self.lora_alpha,
             "--sample-max-new-tokens": self.sample_max_new_tokens,
         }
@@ -116,6 +122,11 @@ class FinetuneOptions:
             raise UsageError("--lora-target and --no-merge need --lora")
         if not self.text_field:
             raise UsageError("--text-field must not be empty")
+        for name, value, choices in (("--input-format", self.input_format, INPUT_FORMATS),
+                                     ("--train-on", self.train_on, TRAIN_ON)):
+            if value not in choices:
+                raise UsageError(f"unknown {name} {value!r}",
+                                 hint="use one of: " + ", ".join(choices))
         if self.data.count(STDIN) + (self.validation_file == STDIN) > 1:
             raise UsageError("stdin ('-') can be read only once")
 

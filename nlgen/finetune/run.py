@@ -17,13 +17,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from nlgen.errors import OutputError, UsageError, first_line, write_failure
-from nlgen.finetune import artifacts
+from nlgen.errors import InputError, OutputError, UsageError, first_line, write_failure
+from nlgen.finetune import artifacts, examples
+from nlgen.finetune.chat import TEXT, end_of_turn_ids
+from nlgen.finetune.curve import loss_rows as curve_rows
 from nlgen.finetune.data import PackedData, prepare_data
 from nlgen.finetune.divergence import validation_kl
 from nlgen.finetune.events import Event, FinetuneResult, Started, TrainingInterrupted
 from nlgen.finetune.options import FinetuneOptions
-from nlgen.inputs import STDIN, Source, check_sources
+from nlgen.inputs import STDIN, Source, check_sources, check_text_field
 from nlgen.jobs import distributed
 from nlgen.models import loading
 from nlgen.score.scoring import safe_exp
@@ -47,7 +49,7 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
          command: str | None) -> FinetuneResult:
     started = time.time()
     # 1. Inputs, output directory, resume settings: before anything heavy runs or is written.
-    sources, validation = _check_inputs(opts)
+    sources, validation, fmt, records = _check_inputs(opts)
     spec = loading.choose_model(opts.model)
     plan = artifacts.plan_output(opts, spec.name)
     settings = artifacts.run_settings(opts, sources, validation, distributed.world_size())
@@ -63,7 +65,7 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
     model = _trainable(lm.model, opts)
 
     # 3. Data, tokenized and packed once (the main process first; the others read its cache).
-    from transformers import Trainer, default_data_collator
+    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
     from nlgen.finetune.callback import Interrupt, NlgenCallback
@@ -73,17 +75,22 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
     elif distributed.is_main_process():  # what a kill in the middle of a save left
         artifacts.remove_incomplete_checkpoints(plan.checkpoints)
     evaluate = bool(validation) or opts.split > 0
-    args = _training_args(opts, plan, precision, use_cpu, report_to, evaluate)
+    args = _training_args(opts, plan, precision, use_cpu, report_to, evaluate,
+                          padded=records is not None)
     if args.world_size > 1:  # accelerate has set up the process group by now
         distributed.know_peers()
-    data = prepare_data(sources, validation, opts, lm.tokenizer, block_size,
-                        lambda: args.main_process_first(desc="tokenizing"))
+    if records is None:
+        data = prepare_data(sources, validation, opts, lm.tokenizer, block_size,
+                            lambda: args.main_process_first(desc="tokenizing"))
+    else:  # one sequence per example, masked: no packing
+        data = examples.prepare_examples(records, opts, lm.tokenizer, block_size,
+                                         end_of_turn_ids(lm.model), fmt)
 
     # 4. The run.
     interrupt = Interrupt()
     callback = NlgenCallback(on_event, interrupt, opts, lm.tokenizer)
     trainer = Trainer(model=model, args=args, train_dataset=data.train,
-                      eval_dataset=data.validation, data_collator=default_data_collator,
+                      eval_dataset=data.validation, data_collator=_collator(data),
                       processing_class=lm.tokenizer, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout
     if on_event is not None and trainer.is_world_process_zero():
@@ -93,7 +100,7 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
                          precision, str(args.device), args.world_size, plan.output,
                          plan.checkpoints,
                          artifacts.checkpoint_step(plan.resume_from) if plan.resume_from
-                         else None))
+                         else None, data.format))
     before = _loss_before(trainer, data, plan, settings)
     saving = artifacts.saving_checkpoints(plan.checkpoints, main=args.should_save)
     with interrupt, saving, _peers_watched(plan):
@@ -115,18 +122,38 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
                          "block_size": data.block_size, "precision": precision},
         run={**_run_facts(trainer, train_out, callback, data, before, after, evals, plan),
              "validation_kl": kl})
-    _save(trainer, lm.tokenizer, opts, plan, record, started)
+    curve = curve_rows(trainer.state.log_history, before)
+    _save(trainer, lm.tokenizer, opts, plan, record, started, curve)
     return FinetuneResult(plan.output, record, trainer.is_world_process_zero())
 
 
-def _check_inputs(opts: FinetuneOptions) -> tuple[list[Source], list[Source]]:
+def _check_inputs(opts: FinetuneOptions) -> tuple[list[Source], list[Source], str,
+                                                  examples.Records | None]:
+    """The data files, their format (text, or records), and the records, checked."""
     if STDIN in (*opts.data, opts.validation_file) and distributed.world_size() > 1:
         raise UsageError("stdin ('-') reaches only one of the launched processes",
                          hint="save the text to a file and pass the file")
-    sources = check_sources(opts.data, opts.text_field)
-    validation = check_sources([opts.validation_file], opts.text_field) \
-        if opts.validation_file else []
-    return sources, validation
+    sources = check_sources(opts.data, None)
+    validation = check_sources([opts.validation_file], None) if opts.validation_file else []
+    formats = examples.detect_formats(sources, opts.input_format)
+    vformats = examples.detect_formats(validation, opts.input_format)
+    fmt = examples.family(sources, formats)
+    if validation and (examples.family(validation, vformats, "validation file") == TEXT) \
+            != (fmt == TEXT):
+        raise InputError(f"the validation file {validation[0].name} is not of the training "
+                         f"data's kind ({fmt})", hint="give held-out data of the same format")
+    if fmt == TEXT:
+        for s in sources + validation:
+            check_text_field(s, opts.text_field)
+        return sources, validation, fmt, None
+    return sources, validation, fmt, examples.read_records(sources, validation, formats,
+                                                           vformats, opts.skip_bad)
+
+
+def _collator(data: PackedData) -> Any:
+    from transformers import default_data_collator
+
+    return data.collator or default_data_collator
 
 
 def _block_size(opts: FinetuneOptions, context: int) -> int:
@@ -158,7 +185,7 @@ def _trainable(model: Any, opts: FinetuneOptions) -> Any:
 
 
 def _training_args(opts: FinetuneOptions, plan: artifacts.Plan, precision: str, use_cpu: bool,
-                   report_to: list[str], evaluate: bool) -> Any:
+                   report_to: list[str], evaluate: bool, padded: bool = False) -> Any:
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -188,11 +215,12 @@ def _training_args(opts: FinetuneOptions, plan: artifacts.Plan, precision: str, 
         save_steps=opts.save_steps,
         save_total_limit=opts.save_total_limit,
         report_to=report_to or "none",
-        include_num_input_tokens_seen="all",
+        include_num_input_tokens_seen="non_padding" if padded else "all",
         disable_tqdm=True,  # progress is ours
         log_level="error",
         log_level_replica="error",
-        eval_strategy="epoch" if evaluate else "no",
+        eval_strategy=("steps" if opts.eval_steps else "epoch") if evaluate else "no",
+        eval_steps=opts.eval_steps,
         dataloader_num_workers=0,
     )
 
@@ -224,9 +252,16 @@ def _run_facts(trainer: Any, train_out: Any, callback: Any, data: PackedData,
                plan: artifacts.Plan) -> dict[str, Any]:
     runtime = train_out.metrics.get("train_runtime")
     tokens = trainer.state.num_input_tokens_seen - callback.tokens_at_start
+    facts = data.facts or {}
     return {
-        "train_blocks": len(data.train),
+        "format": data.format,
+        "train_blocks": len(data.train),  # records: examples (one sequence each)
         "validation_blocks": len(data.validation) if data.validation is not None else 0,
+        "examples": facts or None,
+        # Per pass over the training set: tokens the loss covers, tokens it does not.
+        "trained_tokens": facts["train"]["trained_tokens"] if facts
+        else len(data.train) * data.block_size,
+        "masked_tokens": facts["train"]["masked_tokens"] if facts else 0,
         "training_text_tokens": data.train_tokens,
         "world_size": trainer.args.world_size,
         "device": str(trainer.args.device),
@@ -236,6 +271,7 @@ def _run_facts(trainer: Any, train_out: Any, callback: Any, data: PackedData,
         "train_runtime_s": runtime,
         "train_tokens_per_second": tokens / runtime if runtime else None,
         "final_train_loss": callback.loss,
+        "validation_loss": {"before": before, "after": after},  # nats per trained token
         "validation_perplexity": {
             "before": safe_exp(before) if before is not None else None,
             "after": safe_exp(after) if after is not None else None,
@@ -248,7 +284,7 @@ def _run_facts(trainer: Any, train_out: Any, callback: Any, data: PackedData,
 
 
 def _save(trainer: Any, tokenizer: Any, opts: FinetuneOptions, plan: artifacts.Plan,
-          record: dict[str, Any], started: float) -> None:
+          record: dict[str, Any], started: float, curve: list[dict[str, Any]]) -> None:
     main = trainer.is_world_process_zero()
     tmp = artifacts.partial_dir(plan.output)
     if main and tmp.exists():
@@ -265,7 +301,7 @@ def _save(trainer: Any, tokenizer: Any, opts: FinetuneOptions, plan: artifacts.P
             # all of them; the main process alone writes.
             trainer.save_model(str(tmp))
         if main:
-            artifacts.finish_output(trainer, tokenizer, opts, plan, record, started)
+            artifacts.finish_output(trainer, tokenizer, opts, plan, record, started, curve)
     except (OSError, RuntimeError, SafetensorError) as exc:  # a full disk: nothing half-made
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
