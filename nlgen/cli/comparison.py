@@ -12,12 +12,13 @@ Which models end up in memory:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nlgen.cli.options import ScoringJob
 from nlgen.errors import UsageError
+from nlgen.jsonl import json_float
 from nlgen.models import adapters, loading
 from nlgen.score import compare, scoring
 
@@ -55,9 +56,11 @@ def adapter_of(model: str | None, reference: str | None) -> str | None:
     return None
 
 
-def load(model: str | None, reference: str | None, *, device: str, dtype: str,
-         trust_remote_code: bool) -> Models:
-    """Load `model` for scoring, and its reference when there is one (see the module doc)."""
+def load(job: ScoringJob, device: str) -> Models:
+    """Load the job's model for scoring on `device`, and its reference when there is one (see
+    the module doc). Under a launcher every rank loads its own pair."""
+    model, reference, dtype = job.model, job.reference, job.dtype.value
+    trust_remote_code = job.trust_remote_code
     base = adapter_of(model, reference)
     lm = loading.load_model(model, device=device, dtype=dtype,
                             trust_remote_code=trust_remote_code, purpose="score")
@@ -76,28 +79,27 @@ def load(model: str | None, reference: str | None, *, device: str, dtype: str,
     return Models(lm, reference=ref, reference_name=ref.name)
 
 
-def perplexity_scorer(models: Models, opts: scoring.ScoreOptions) -> Any:
-    """scoring.Scorer, or with a reference, a scorer that also compares (same interface)."""
+def perplexity_scorer(models: Models, opts: scoring.ScoreOptions,
+                      shard: tuple[int, int] = (0, 1)) -> Any:
+    """scoring.Scorer, or with a reference, a scorer that also compares (same interface), of
+    every ranks-th window with ``shard=(rank, ranks)``."""
     if models.reference is None and models.reference_ctx is None:
-        return scoring.Scorer(models.lm, opts)
+        return scoring.Scorer(models.lm, opts, shard=shard)
     comparer = compare.Comparer(models.lm, opts, reference=models.reference,
                                 reference_ctx=models.reference_ctx)
+    comparer.shard = shard  # a WindowRunner's: which windows of each group this rank runs
     return compare.ReferenceScorer(comparer, models.reference_name)
 
 
 # ----------------------------------------------------------------------------- rendering
 
 
-def _num(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
 def divergence_fields(d: compare.Divergence | None) -> dict[str, Any]:
     """The comparison's json keys (reference_perplexity, ...), {} without one."""
     if d is None:
         return {}
-    return dict(zip(KEYS, (_num(d.reference_perplexity), _num(d.ratio), _num(d.kl),
-                           _num(d.agreement)), strict=True))
+    return dict(zip(KEYS, (json_float(d.reference_perplexity), json_float(d.ratio),
+                           json_float(d.kl), json_float(d.agreement)), strict=True))
 
 
 def fields(result: scoring.TextScore) -> dict[str, Any]:

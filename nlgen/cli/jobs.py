@@ -1,4 +1,4 @@
-"""What generate and perplexity share on the command line: launchers, jobs, progress.
+"""What generate, perplexity and score share on the command line: launchers, jobs, progress.
 
 Under ``torchrun`` or ``accelerate launch`` every process runs the same command; rank 0 alone
 prints results, notices, progress and errors (``cli/runtime.py`` quiets the others, whose
@@ -7,6 +7,7 @@ failures reach rank 0 through nlgen.jobs.parallel).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,8 +15,12 @@ from typing import Any
 
 from rich.progress import TextColumn, TimeRemainingColumn
 
-from nlgen.cli import console, runtime
-from nlgen.jobs import distributed
+from nlgen import inputs
+from nlgen.cli import comparison, console, runtime
+from nlgen.cli.options import ScoringJob
+from nlgen.jobs import distributed, parallel
+from nlgen.jobs.jobfile import JobIdentity
+from nlgen.models import devices
 
 
 @contextmanager
@@ -40,6 +45,32 @@ def launched(device: str) -> Iterator[str]:
     finally:
         if created:
             distributed.shutdown()
+
+
+@contextmanager
+def scoring(job: ScoringJob, files: list[str] | None) -> Iterator[str]:
+    """How perplexity and score start: what can be checked before anything loads (the device,
+    ``--reference base``, stdin under several processes), then :func:`launched`."""
+    devices.check_device_spec(job.device)
+    comparison.adapter_of(job.model, job.reference)
+    parallel.check_shareable(files or ([] if inputs.stdin_is_terminal() else [inputs.STDIN]))
+    with launched(job.device) as rank_device:
+        yield rank_device
+
+
+def identity(command: str, job: ScoringJob, files: list[str] | None,
+             **options: Any) -> JobIdentity:
+    """What defines a perplexity or score job for ``--resume``: its input files (their names
+    too: they key perplexity's records, and choose how score reads a file), its model, and
+    every option that changes its records: the command's own ``options``, the device, the dtype
+    and the reference, when there is one (the batch size changes none)."""
+    options.update(device=job.device, dtype=job.dtype.value)
+    if job.reference is not None:
+        reference = os.path.expanduser(job.reference)
+        options["reference"] = (os.path.abspath(reference) if os.path.exists(reference)
+                                else job.reference)
+    return JobIdentity(command, job.model, options, files=tuple(files or [inputs.STDIN]),
+                       named=True)
 
 
 def processes() -> str:

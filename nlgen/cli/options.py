@@ -6,10 +6,17 @@ default in ``--help``, so no command checks these values by hand.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Dtype(str, Enum):
@@ -135,3 +142,46 @@ ResumeOpt = Annotated[
     typer.Option("--resume", help="Continue the job whose --output FILE exists: skip the records "
                  "in it, do the rest (same input and options).", rich_help_panel=JOB),
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringJob:
+    """The options ``perplexity`` and ``score`` share: the job's output, the model (and its
+    reference), where it runs, and what it says. Declared once here; :func:`scoring_job` puts
+    them on a command."""
+
+    output: OutputOpt = None
+    resume: ResumeOpt = False
+    batch_size: BatchSizeOpt = 8
+    model: ModelOpt = None
+    reference: ReferenceOpt = None
+    device: DeviceOpt = "auto"
+    dtype: DtypeOpt = Dtype.auto
+    trust_remote_code: TrustRemoteCodeOpt = False
+    verbose: VerboseOpt = False
+    quiet: QuietOpt = False
+
+
+def scoring_job(command: F) -> F:
+    """``command`` with :class:`ScoringJob`'s options after its own, handed to it as one
+    ``job`` argument (its last parameter).
+
+    Typer reads a command's options from its signature, so the wrapper shows the command's own
+    parameters and then ScoringJob's fields, with their types and defaults; called with all of
+    them as keywords (as Typer calls it), it gathers ScoringJob's into ``job``.
+    """
+    hints = typing.get_type_hints(ScoringJob, include_extras=True)
+    shared = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                default=f.default, annotation=hints[f.name])
+              for f in dataclasses.fields(ScoringJob)]
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.name != "job"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        job = ScoringJob(**{p.name: kwargs.pop(p.name, p.default) for p in shared})
+        return command(**kwargs, job=job)
+
+    wrapper.__signature__ = inspect.Signature(own + shared)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
+    return wrapper  # type: ignore[return-value]

@@ -17,24 +17,12 @@ from rich.table import Table
 
 from nlgen import inputs
 from nlgen.cli import comparison, console, jobs
-from nlgen.cli.options import (
-    BatchSizeOpt,
-    DeviceOpt,
-    Dtype,
-    DtypeOpt,
-    ModelOpt,
-    OutputOpt,
-    PerplexityFormat,
-    QuietOpt,
-    ReferenceOpt,
-    ResumeOpt,
-    TrustRemoteCodeOpt,
-    VerboseOpt,
-)
+from nlgen.cli.options import PerplexityFormat, ScoringJob, scoring_job
 from nlgen.cli.runtime import guard
 from nlgen.errors import EXIT_FAILURE, InputError, UsageError
 from nlgen.jobs import distributed, parallel
-from nlgen.models import devices, loading
+from nlgen.jsonl import json_float
+from nlgen.models import loading
 from nlgen.score import scoring
 
 IO = "Input and output"
@@ -43,6 +31,7 @@ PROGRESS_MIN_TOKENS = 2048  # below this a bar would only flicker
 
 
 @guard
+@scoring_job
 def perplexity(
     ctx: typer.Context,
     files: Annotated[Optional[list[str]], typer.Argument(
@@ -60,16 +49,7 @@ def perplexity(
     stride: Annotated[Optional[int], typer.Option(
         "--stride", help="Tokens the window moves; equal to --max-length gives disjoint windows.",
         show_default="half the window", rich_help_panel=WINDOW)] = None,
-    output: OutputOpt = None,
-    resume: ResumeOpt = False,
-    batch_size: BatchSizeOpt = 8,
-    model: ModelOpt = None,
-    reference: ReferenceOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = Dtype.auto,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    verbose: VerboseOpt = False,
-    quiet: QuietOpt = False,
+    *, job: ScoringJob,
 ) -> None:
     """Measure how likely a model finds texts: perplexity, bits per byte, word perplexity.
 
@@ -91,66 +71,34 @@ def perplexity(
 
       torchrun --nproc_per_node 2 -m nlgen perplexity --per-line corpus.txt --output ppl.jsonl
     """
-    devices.check_device_spec(device)
-    opts = scoring.ScoreOptions(max_length=max_length, stride=stride, batch_size=batch_size)
+    opts = scoring.ScoreOptions(max_length=max_length, stride=stride, batch_size=job.batch_size)
     if fmt is PerplexityFormat.auto:
         fmt = PerplexityFormat.table if console.stdout_is_terminal() else PerplexityFormat.jsonl
-    if reference is not None:
-        if output is not None or distributed.is_distributed():
-            raise UsageError("--reference runs in one process and writes to stdout",
-                             hint="drop --output, and run it without a launcher")
-        _compare(_texts(files, per_line), opts, fmt, per_line, verbose, model=model,
-                 reference=reference, device=device, dtype=dtype.value,
-                 trust_remote_code=trust_remote_code)
-        return
-    parallel.check_shareable(files or ([] if inputs.stdin_is_terminal() else [inputs.STDIN]))
-    with jobs.launched(device) as rank_device:
-        texts = parallel.on_every_rank(lambda: _texts(files, per_line, output))
+    with jobs.scoring(job, files) as rank_device:
+        texts = parallel.on_every_rank(lambda: _texts(files, per_line, job.output))
         # --output: the records go to the file, stdout stays empty
-        run = _Run(per_line, PerplexityFormat.jsonl if output else fmt)
+        run = _Run(per_line, PerplexityFormat.jsonl if job.output else fmt)
 
-        def load() -> loading.LoadedModel:
-            run.lm = loading.load_model(model, device=rank_device, dtype=dtype.value,
-                                        trust_remote_code=trust_remote_code, purpose="score")
-            return run.lm
+        def scorer_for(shard: tuple[int, int]) -> Any:
+            run.models = comparison.load(job, rank_device)
+            scorer = comparison.perplexity_scorer(run.models, opts, shard)
+            run.method = scorer.method
+            return scorer
 
         # what defines the job for --resume (the batch size changes no record)
-        identity = parallel.JobIdentity(
-            "perplexity", model, {"per_line": per_line, "max_length": max_length,
-                                  "stride": stride, "device": device, "dtype": dtype.value},
-            files=tuple(files or [inputs.STDIN]), named=True)
-        with parallel.JobOutput(output, KEY_FIELDS[per_line], resume, identity) as out, \
-                _Progress() as bar:
+        identity = jobs.identity("perplexity", job, files, per_line=per_line,
+                                 max_length=max_length, stride=stride)
+        with parallel.JobOutput(job.output, KEY_FIELDS[per_line], job.resume,
+                                identity) as out, _Progress() as bar:
             run.writer = out.writer
             texts = (t for t in texts if _key(t, per_line) not in out.done)
-            parts = parallel.score_parts(load, texts, opts, bar.update if bar.enabled else None,
-                                         on_scorer=run.set_scorer)
+            parts = parallel.score_parts(scorer_for, texts, bar.update if bar.enabled else None)
             for result in parallel.merge_parts(parallel.Gathered(parts)):
                 run.show(result)
-    if distributed.is_main_process() and run.lm is not None:
-        if output is not None:
-            run.total_of(output, out.resumed)
-        _finish(run.results, run.fmt, run.lm, run.method, per_line, verbose)
-
-
-def _compare(texts: Iterator[inputs.Text], opts: scoring.ScoreOptions, fmt: PerplexityFormat,
-             per_line: bool, verbose: bool, *, model: str | None, reference: str, device: str,
-             dtype: str, trust_remote_code: bool) -> None:
-    """--reference: both models on the same windows, one process, records on stdout."""
-    models = comparison.load(model, reference, device=device, dtype=dtype,
-                             trust_remote_code=trust_remote_code)
-    lm, scorer = models.lm, comparison.perplexity_scorer(models, opts)
-    results = []
-    with _Progress() as bar:
-        for result in scorer.score(texts, progress=bar.update if bar.enabled else None):
-            # stdout carries scores only: an error record without a perplexity would sort first
-            # in a `jq sort_by(.perplexity)` ranking. Failures go to stderr, and the exit code.
-            if not result.ok:
-                console.error(result.error or "", result.hint)
-            elif fmt is PerplexityFormat.jsonl:
-                console.write_jsonl(_record(result, lm.name, scorer.method, per_line))
-            results.append(result)
-    _finish(results, fmt, lm, scorer.method, per_line, verbose)
+    if distributed.is_main_process() and run.models is not None:
+        if job.output is not None:
+            run.total_of(job.output, out.resumed)
+        _finish(run.results, run.fmt, run.models.lm, run.method, per_line, job.verbose)
 
 
 KEY_FIELDS = {False: ("input",), True: ("input", "line")}  # what names a record of --output
@@ -193,26 +141,24 @@ class _Run:
 
     per_line: bool
     fmt: PerplexityFormat
-    lm: Any = None  # this rank's model, once loaded
+    models: comparison.Models | None = None  # this rank's model (and reference), once loaded
     method: scoring.Method | None = None
     writer: Any = None  # the --output file's ResumableWriter
     results: list[scoring.TextScore] = field(default_factory=list)
 
-    def set_scorer(self, scorer: scoring.Scorer) -> None:
-        self.method = scorer.method
-
     def show(self, result: scoring.TextScore) -> None:
         # stdout carries scores only: an error record without a perplexity would sort first
         # in a `jq sort_by(.perplexity)` ranking. Failures go to stderr, and the exit code.
-        assert self.method is not None
+        assert self.method is not None and self.models is not None
+        name = self.models.lm.name
         if not result.ok:
             console.error(result.error or "", result.hint)
         elif self.writer is not None:
-            self.writer.write(_record(result, self.lm.name, self.method, self.per_line))
+            self.writer.write(_record(result, name, self.method, self.per_line))
             # The file holds the record: keep only what the closing lines count.
             result = dataclasses.replace(result, input=dataclasses.replace(result.input, text=""))
         elif self.fmt is PerplexityFormat.jsonl:
-            console.write_jsonl(_record(result, self.lm.name, self.method, self.per_line))
+            console.write_jsonl(_record(result, name, self.method, self.per_line))
         self.results.append(result)
 
     def total_of(self, output: str, resumed: int) -> None:
@@ -257,14 +203,11 @@ def _finish(results: list[scoring.TextScore], fmt: PerplexityFormat, lm: loading
 # ----------------------------------------------------------------------------- rendering
 
 
-def _num(x: float) -> float | None:
-    """JSON has no inf or nan: an overflowed perplexity is written as null."""
-    return x if math.isfinite(x) else None
-
-
 def _metrics(m: scoring.Metrics) -> dict[str, Any]:
-    return {"perplexity": _num(m.perplexity), "nll": _num(m.nll),
-            "bits_per_byte": _num(m.bits_per_byte), "word_perplexity": _num(m.word_perplexity),
+    # JSON has no inf or nan: an overflowed perplexity is written as null.
+    return {"perplexity": json_float(m.perplexity), "nll": json_float(m.nll),
+            "bits_per_byte": json_float(m.bits_per_byte),
+            "word_perplexity": json_float(m.word_perplexity),
             "tokens": m.tokens, "bytes": m.bytes, "words": m.words,
             "bytes_scored": m.bytes_scored, "words_scored": m.words_scored, "nll_sum": m.nll_sum}
 

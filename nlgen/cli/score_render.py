@@ -5,7 +5,7 @@ Kept apart from cli/score.py so that the command module reads as what the comman
 
 from __future__ import annotations
 
-import math
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,30 +13,30 @@ from rich.table import Table
 
 from nlgen.cli import console
 from nlgen.engine import token_logprobs
+from nlgen.errors import InputError
+from nlgen.jsonl import json_float
 from nlgen.score import records
 
 ELIDE = 40  # characters of a prompt or completion shown in a table cell
 
 
-def _num(x: float) -> float | None:
-    """JSON has no inf or nan: a log-prob of -inf is written as null."""
-    return x if math.isfinite(x) else None
-
-
 def record(result: records.RecordScore, want_tokens: bool) -> dict[str, Any]:
-    """The input record's fields, then what was measured (these keys win over the input's)."""
-    out = dict(result.item.fields)
+    """``index`` (the record's place in the input: the key of --output), the input record's
+    fields, then what was measured (these keys win over the input's; a log-prob of -inf is
+    null)."""
+    out = {"index": result.item.index, **result.item.fields}
+    out["index"] = result.item.index
     scores, ref = result.scores, result.reference
     if not result.item.multiple_choice:
         [one] = scores
-        out.update(logprob=_num(one.logprob), num_tokens=one.num_tokens,
+        out.update(logprob=json_float(one.logprob), num_tokens=one.num_tokens,
                    num_bytes=one.num_bytes, is_greedy=one.is_greedy, truncated=one.truncated)
         if ref:
-            out["reference_logprob"] = _num(ref[0].logprob)
+            out["reference_logprob"] = json_float(ref[0].logprob)
         if want_tokens:
             out["tokens"] = token_logprobs.openai_content(one.tokens)
         return out
-    out.update(logprobs=[_num(s.logprob) for s in scores],
+    out.update(logprobs=[json_float(s.logprob) for s in scores],
                num_tokens=[s.num_tokens for s in scores], num_bytes=[s.num_bytes for s in scores],
                num_chars=[s.num_chars for s in scores],
                is_greedy=[s.is_greedy for s in scores], truncated=[s.truncated for s in scores],
@@ -44,7 +44,7 @@ def record(result: records.RecordScore, want_tokens: bool) -> dict[str, Any]:
     if result.item.label is not None:
         out.update(acc=result.acc, acc_norm=result.acc_norm, acc_bytes=result.acc_bytes)
     if ref:
-        out["reference_logprobs"] = [_num(s.logprob) for s in ref]
+        out["reference_logprobs"] = [json_float(s.logprob) for s in ref]
     if want_tokens:
         out["tokens"] = [token_logprobs.openai_content(s.tokens) for s in scores]
     return out
@@ -57,6 +57,25 @@ def summary_fields(summary: records.Summary) -> dict[str, Any]:
             "acc_bytes_stderr": summary.acc_bytes_stderr}
 
 
+def file_summary(path: str, failed: int) -> records.Summary:
+    """The summary of every record in an --output file (earlier runs' included), and of the
+    ``failed`` records of this run (a failed record is not written)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not JSON lines"
+        raise InputError(f"cannot read {path} back: {reason}") from None
+    labelled = [r for r in rows if all(r.get(k) in (0, 1) for k in ACC_KEYS)]
+    correct, norm, by_bytes = ([r[k] for r in labelled] for k in ACC_KEYS)
+    return records.Summary(records=len(rows), failed=failed, labelled=len(labelled),
+                           correct=sum(correct), correct_norm=sum(norm),
+                           correct_bytes=sum(by_bytes))
+
+
+ACC_KEYS = ("acc", "acc_norm", "acc_bytes")  # a labelled multiple-choice record's
+
+
 def document(results: Sequence[records.RecordScore], summary: records.Summary, model: str,
              reference: str | None, want_tokens: bool) -> dict[str, Any]:
     """--format json: every record scored, those that failed and why, the summary."""
@@ -64,8 +83,8 @@ def document(results: Sequence[records.RecordScore], summary: records.Summary, m
     if reference is not None:
         doc["reference_model"] = reference
     doc["records"] = [record(r, want_tokens) for r in results if r.ok]
-    doc["failed"] = [{"input": r.item.name, "line": r.item.line, "error": r.error}
-                     for r in results if not r.ok]
+    doc["failed"] = [{"index": r.item.index, "input": r.item.name, "line": r.item.line,
+                      "error": r.error} for r in results if not r.ok]
     doc["summary"] = summary_fields(summary)
     return doc
 

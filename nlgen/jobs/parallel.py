@@ -1,7 +1,8 @@
 """Jobs on one process or many: shard the input, work, gather in input order, write resumably.
 
-What ``generate`` and ``perplexity`` share under ``torchrun`` / ``accelerate launch``, built on
-:mod:`nlgen.jobs.distributed` (with one process every step below is the plain loop):
+What ``generate``, ``perplexity`` and ``score`` share under ``torchrun`` / ``accelerate
+launch``, built on :mod:`nlgen.jobs.distributed` (with one process every step below is the
+plain loop):
 
 1. every rank reads the whole input (files; STDIN cannot be shared) and takes every N-th item;
 2. rank 0 opens the output (:class:`JobOutput`); on ``--resume`` the keys already written are
@@ -13,7 +14,10 @@ What ``generate`` and ``perplexity`` share under ``torchrun`` / ``accelerate lau
 
 Generation shards prompts. Perplexity shards *windows*: every rank plans the windows of every
 text, scores every N-th one, and rank 0 adds up each text's parts (float64, ``math.fsum``), so
-one long text is spread over the ranks too.
+one long text is spread over the ranks too (with ``--reference``, the comparison's sums as
+well). Score shards *read-ahead groups* of records: every rank forms the groups one process
+would, and scores every N-th one in the batches one process would, so that its records are the
+same to the last bit.
 
 Core module: no typer, no rich, no printing.
 """
@@ -38,7 +42,9 @@ from nlgen.jobs import distributed
 from nlgen.jobs.batchjob import Request, Result
 from nlgen.jobs.jobfile import JobIdentity, ResumableWriter
 from nlgen.models.loading import LoadedModel
-from nlgen.score.scoring import ScoreOptions, Scorer, TextScore
+from nlgen.score.compare import ComparedScore
+from nlgen.score.records import Item, RecordScore, RecordScorer
+from nlgen.score.scoring import TextScore
 
 T = TypeVar("T")
 
@@ -276,36 +282,71 @@ def _per_prompt(results: Iterator[Generation], n: int,
 # ----------------------------------------------------------------------------- perplexity
 
 
-def score_parts(load: Callable[[], LoadedModel], texts: Iterable[Any], opts: ScoreOptions,
+def score_parts(scorer_for: Callable[[tuple[int, int]], Any], texts: Iterable[Any],
                 progress: Callable[[int, int], None] | None = None,
-                on_scorer: Callable[[Scorer], None] | None = None,
                 ) -> Iterator[tuple[tuple[int, int], Any]]:
     """This rank's part of every text: ``((text index, rank), part)``, in input order.
 
-    Rank 0's part is the TextScore (with its own windows' NLL); the other ranks send only
-    their NLL sum, which :func:`merge_parts` adds in.
+    ``scorer_for(shard)`` loads this rank's model (and reference) and returns a scorer of the
+    windows of ``shard=(rank, ranks)``: a :class:`Scorer`, or a ``compare.ReferenceScorer``
+    (the same interface). Rank 0's part is the result (with its own windows' sums); the other
+    ranks send only their sums (:func:`_sums`), which :func:`merge_parts` adds in.
     """
-    lm = load()
-    me, ranks = distributed.rank(), distributed.world_size()
-    scorer = Scorer(lm, opts, shard=(me, ranks))
-    if on_scorer is not None:
-        on_scorer(scorer)
+    me = distributed.rank()
+    scorer = scorer_for((me, distributed.world_size()))
     for index, result in enumerate(scorer.score(texts, progress)):
-        if me == 0:
-            yield (index, me), result
-        else:
-            yield (index, me), result.metrics.nll_sum if result.metrics is not None else None
+        yield (index, me), (result if me == 0 else _sums(result))
+
+
+def _sums(result: TextScore) -> tuple[float, ...] | None:
+    """What a rank's windows add to a text: its NLL, and with a reference the comparison's sums
+    (model NLL, reference NLL, KL, top-1 agreements)."""
+    if result.metrics is None:
+        return None
+    d = result.divergence if isinstance(result, ComparedScore) else None
+    if d is None:
+        return (result.metrics.nll_sum,)
+    return (d.nll_sum, d.reference_nll_sum, d.kl_sum, float(d.agree))
 
 
 def merge_parts(parts: Iterable[Any]) -> Iterator[TextScore]:
-    """Rank 0: each text's parts (one per rank, rank 0's first) as one TextScore."""
+    """Rank 0: each text's parts (one per rank, rank 0's first) as one result, the sums added
+    exactly (``math.fsum``)."""
     ranks = distributed.world_size()
     parts = iter(parts)
     while group := list(islice(parts, ranks)):
         first = group[0]
-        if ranks == 1 or first.metrics is None:
+        mine = _sums(first)
+        if ranks == 1 or first.metrics is None or mine is None:
             yield first
             continue
-        nll = math.fsum([first.metrics.nll_sum, *group[1:]])
-        yield dataclasses.replace(first, metrics=dataclasses.replace(first.metrics,
-                                                                     nll_sum=nll))
+        sums = [math.fsum(column) for column in zip(mine, *group[1:], strict=True)]
+        metrics = dataclasses.replace(first.metrics, nll_sum=sums[0])
+        if len(sums) == 1:
+            yield dataclasses.replace(first, metrics=metrics)
+            continue
+        assert isinstance(first, ComparedScore) and first.divergence is not None
+        divergence = dataclasses.replace(first.divergence, nll_sum=sums[0],
+                                         reference_nll_sum=sums[1], kl_sum=sums[2],
+                                         agree=round(sums[3]))
+        yield dataclasses.replace(first, metrics=metrics, divergence=divergence)
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def score_records(scorer_for: Callable[[tuple[int, int]], RecordScorer], items: Iterable[Item],
+                  done: frozenset[Hashable] = frozenset(),
+                  ) -> Iterator[tuple[int, RecordScore]]:
+    """This rank's records, scored: ``(index, RecordScore)`` in input order.
+
+    ``scorer_for(shard)`` loads this rank's model (and reference) and returns the
+    :class:`RecordScorer` of ``shard=(rank, ranks)``: it scores every ranks-th read-ahead group
+    of records, each in the batches one process would form (the same numbers, bit for bit).
+    ``done``: the indices a resumed job has already written (:attr:`JobOutput.done`). They are
+    passed on rather than dropped from ``items``: the groups, and so the batches, stay those of
+    the job's first run, and a resumed file is the clean run's, byte for byte.
+    """
+    scorer = scorer_for((distributed.rank(), distributed.world_size()))
+    for result in scorer.score(items, done=done):
+        yield result.item.index, result

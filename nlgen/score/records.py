@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,7 @@ class Item:
     label: int | None = None  # the right choice, when the record says
     error: str | None = None
     hint: str | None = None
+    index: int = 0  # its place among the input's records, from 0 (the key of --output)
 
     @property
     def where(self) -> str:
@@ -246,12 +247,19 @@ def summarize(results: Iterable[RecordScore]) -> Summary:
 
 
 class RecordScorer:
-    """A model (and perhaps a reference) ready to score records with fixed options."""
+    """A model (and perhaps a reference) ready to score records with fixed options.
+
+    ``shard=(rank, ranks)`` scores every ranks-th read-ahead group of records and skips the
+    others (nlgen.jobs.parallel gathers the ranks' results): every rank forms the same groups,
+    so each record is scored in the batch one process would put it in, with the same rounding.
+    """
 
     def __init__(self, lm: LoadedModel, opts: LikelihoodOptions, *,
                  reference: LoadedModel | None = None,
-                 reference_ctx: ReferenceContext | None = None) -> None:
+                 reference_ctx: ReferenceContext | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         self.opts = opts
+        self.shard = shard
         self.scorer = ContinuationScorer(lm, opts)
         self._ctx: ReferenceContext = reference_ctx or contextlib.nullcontext
         self.reference: ContinuationScorer | None = None
@@ -259,17 +267,36 @@ class RecordScorer:
             ref_opts = LikelihoodOptions(batch_size=opts.batch_size, max_length=opts.max_length)
             with self._ctx():
                 self.reference = ContinuationScorer(reference or lm, ref_opts)
-        self.scored = 0  # records scored (or failed) so far
-        self.read = 0  # records read so far
+        self.scored = 0  # records scored (or failed) so far, by this shard
+        self.read = 0  # records read so far, all shards'
 
-    def score(self, items: Iterable[Item],
-              progress: ProgressCallback | None = None) -> Iterator[RecordScore]:
-        """A result per record, in input order, a read-ahead group of requests at a time."""
+    def score(self, items: Iterable[Item], progress: ProgressCallback | None = None, *,
+              done: Container[int] = frozenset()) -> Iterator[RecordScore]:
+        """A result per record (of this shard), in input order, a read-ahead group of requests
+        at a time.
+
+        ``done``: the indices of records already scored (a resumed job's), which get no result.
+        The groups are formed from every record all the same, so that each record left is
+        scored in the batch of the job's first run; a group with nothing left to score is
+        skipped, one with something is scored whole.
+        """
         ahead = self.opts.batch_size * READ_AHEAD_BATCHES
         full = lambda group: sum(len(item.requests) for item in group) >= ahead  # noqa: E731
-        for group in read_ahead(items, full):
+        me, ranks = self.shard
+        for number, group in enumerate(read_ahead(items, full)):
             self.read += len(group)
-            yield from self._run_group(group, progress)
+            if number % ranks != me:
+                continue
+            left = [item for item in group if item.index not in done]
+            if len(left) == len(group):
+                yield from self._run_group(group, progress)
+            elif any(item.error is None for item in left):
+                yield from (r for r in self._run_group(group, progress)
+                            if r.item.index not in done)
+            else:  # only bad records left (never written): no forward pass for them
+                self.scored += len(left)
+                yield from (RecordScore(item, error=item.error, hint=item.hint)
+                            for item in left)
 
     def _run_group(self, group: list[Item],
                    progress: ProgressCallback | None) -> Iterator[RecordScore]:
