@@ -360,12 +360,14 @@ def test_wrong_kinds_of_data_are_refused(tiny_model, tmp_path, cli):
 
 @pytest.mark.slow
 def test_builtin_model_learns_conversations_and_chats_with_its_template(tmp_path):
-    data = write_jsonl(tmp_path / "chats.jsonl", [
-        {"messages": [{"role": "system", "content": "You answer in one word."},
-                      {"role": "user", "content": f"What colour is the {thing}?"},
-                      {"role": "assistant", "content": colour}]}
-        for thing, colour in [("sky", "Blue."), ("grass", "Green."), ("snow", "White."),
-                              ("coal", "Black."), ("sun", "Yellow."), ("blood", "Red.")]])
+    from transformers import AutoTokenizer
+
+    colours = [("sky", "Blue."), ("grass", "Green."), ("snow", "White."), ("coal", "Black."),
+               ("sun", "Yellow."), ("blood", "Red.")]
+    chats = [[{"role": "system", "content": "You answer in one word."},
+              {"role": "user", "content": f"What colour is the {thing}?"},
+              {"role": "assistant", "content": colour}] for thing, colour in colours]
+    data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in chats])
     out = tmp_path / "chat-ft"
     proc = run_nlgen("finetune", str(data), "--model", "builtin", "-o", str(out),
                      "--max-steps", "3", "--batch-size", "2", "--learning-rate", "1e-4",
@@ -375,8 +377,14 @@ def test_builtin_model_learns_conversations_and_chats_with_its_template(tmp_path
     ex = rec["examples"]
     assert rec["format"] == "messages" and ex["validation"]["examples"] == 2
     # Each reply: its word and <|im_end|> (ChatML's newline after it is not trained).
-    assert ex["train"]["trained_tokens"] <= 4 * 3
-    assert ex["train"]["masked_tokens"] > 10 * ex["train"]["trained_tokens"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    replies = sum(len(tokenizer(c + "<|im_end|>", add_special_tokens=False)["input_ids"])
+                  for _, c in colours)
+    total = sum(len(tokenizer(tokenizer.apply_chat_template(c, tokenize=False),
+                              add_special_tokens=False)["input_ids"]) for c in chats)
+    sets = (ex["train"], ex["validation"])
+    assert sum(s["trained_tokens"] for s in sets) == replies
+    assert sum(s["masked_tokens"] for s in sets) == total - replies
     assert rec["validation_loss"]["after"] < rec["validation_loss"]["before"]
     assert (out / "loss.png").is_file()
     gen = run_nlgen("generate", "--model", str(out), "--chat", "--greedy", "-n", "8",
@@ -384,3 +392,33 @@ def test_builtin_model_learns_conversations_and_chats_with_its_template(tmp_path
     assert gen.returncode == 0, gen.stderr.decode()
     answer = json.loads(gen.stdout)
     assert answer["completion"].strip() and answer["finish_reason"] in ("eos", "length")
+
+
+def test_a_resumed_chat_run_keeps_its_whole_curve(chatml_model, tmp_path):
+    import signal
+
+    from nlgen import finetune
+    from nlgen.errors import UsageError
+
+    data = write_jsonl(tmp_path / "chats.jsonl", conversations(8))
+    out = tmp_path / "out"
+
+    def opts(**kw) -> finetune.FinetuneOptions:
+        return finetune.FinetuneOptions(data=(str(data),), model=str(chatml_model),
+                                        output_dir=str(out), max_steps=4, learning_rate=1e-3,
+                                        batch_size=2, logging_steps=1, seed=0,
+                                        validation_split=0.25, **kw)
+
+    def interrupt_at_2(event) -> None:
+        if isinstance(event, finetune.StepProgress) and event.step == 2 and not event.logged:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(finetune.TrainingInterrupted):
+        finetune.finetune(opts(), on_event=interrupt_at_2)
+    with pytest.raises(UsageError, match="--train-on completion then, all now"):
+        finetune.finetune(opts(resume=True, train_on="all"))
+    result = finetune.finetune(opts(resume=True))
+    assert result.record["resumed_from_step"] == 2
+    rows = (out / "loss.csv").read_text(encoding="utf-8").splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["0", "1", "2", "3", "4"]
+    assert all(row.split(",")[2] for row in rows[1:])

@@ -206,16 +206,15 @@ def prepare_examples(records: Records, opts: FinetuneOptions, tokenizer: Any, ma
     train_ds = Dataset.from_dict({"input_ids": train.ids, "labels": train.labels})
     val_ds = Dataset.from_dict({"input_ids": val.ids, "labels": val.labels}) if val.ids \
         else None
-    split_at = None
     if not records.validation and opts.split > 0:
-        train_ds, val_ds, split_at = _split(train_ds, opts)
-    facts = _facts(fmt, records, train, val, bad, train_ds, val_ds, split_at)
+        train_ds, val_ds = _split(train_ds, opts)
+    facts = _facts(records, train, val, bad, train_ds, val_ds)
     return PackedData(train_ds, val_ds, max_len, facts["train"]["trained_tokens"]
                       + facts["train"]["masked_tokens"], fmt, facts,
                       PadCollator(_pad_id(tokenizer)))
 
 
-def _split(ds: Any, opts: FinetuneOptions) -> tuple[Any, Any, int]:
+def _split(ds: Any, opts: FinetuneOptions) -> tuple[Any, Any]:
     """Held-out examples (a share, at least one), chosen with the run's seed."""
     if len(ds) < 2:
         raise InputError(f"{len(ds)} example is too few to hold one out for validation",
@@ -225,11 +224,11 @@ def _split(ds: Any, opts: FinetuneOptions) -> tuple[Any, Any, int]:
     random.Random(opts.seed).shuffle(order)
     held = sorted(order[:n_val])
     kept = sorted(order[n_val:])
-    return ds.select(kept), ds.select(held), n_val
+    return ds.select(kept), ds.select(held)
 
 
-def _facts(fmt: str, records: Records, train: Encoded, val: Encoded, bad: list[str],
-           train_ds: Any, val_ds: Any, split_at: int | None) -> dict[str, Any]:
+def _facts(records: Records, train: Encoded, val: Encoded, bad: list[str], train_ds: Any,
+           val_ds: Any) -> dict[str, Any]:
     """For the run record: examples, trained and masked tokens, of each set."""
 
     def counts(ds: Any) -> dict[str, int]:
@@ -242,13 +241,11 @@ def _facts(fmt: str, records: Records, train: Encoded, val: Encoded, bad: list[s
                 "masked_tokens": tokens - trained}
 
     return {
-        "format": fmt,
         "skipped_bad_records": len(records.bad) + len(bad),
         "truncated": len(train.truncated) + len(val.truncated),
         "dropped_by_truncation": len(train.dropped) + len(val.dropped),
         "train": counts(train_ds),
         "validation": counts(val_ds),
-        "held_out": split_at,
     }
 
 
