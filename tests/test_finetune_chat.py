@@ -422,3 +422,18 @@ def test_a_resumed_chat_run_keeps_its_whole_curve(chatml_model, tmp_path):
     rows = (out / "loss.csv").read_text(encoding="utf-8").splitlines()[1:]
     assert [row.split(",")[0] for row in rows] == ["0", "1", "2", "3", "4"]
     assert all(row.split(",")[2] for row in rows[1:])
+
+
+def test_a_reply_that_shares_a_token_with_its_prompt_is_refused(tiny_model):
+    from nlgen.finetune.chat import BadRecord, check_record
+
+    tokenizer, encode = encoder(tiny_model)
+    # The generation prompt "th" and a reply "e fox" render " the fox": one token " the".
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'th' + m['content'] }}"
+        "{% else %}{{ m['content'] + ' ' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'th' }}{% endif %}")
+    with pytest.raises(BadRecord, match="message 1's reply does not begin or end on a token"):
+        encode(check_record({"messages": [{"role": "user", "content": "Where"},
+                                          {"role": "assistant", "content": "e fox"}]},
+                            "messages"))

@@ -1,9 +1,11 @@
 """Fine-tuning: options -> data (checks, packing) -> a Trainer run -> an atomic model directory.
 
 Built on transformers' ``Trainer`` (README, "Design notes", says why not a hand-written loop).
-Rooms: ``options`` (what is asked), ``data`` (texts -> packed blocks), ``callback`` (events,
-samples, Ctrl-C), ``artifacts`` (output directory, checkpoints, run record), ``run`` (the
-order of it all), ``events`` (what the caller is told). Importing this package loads no torch.
+Rooms: ``options`` (what is asked), ``data`` (texts -> packed blocks), ``chat`` (records:
+formats, checks, loss masks from the chat template), ``examples`` (records -> one padded
+sequence per example), ``callback`` (events, samples, Ctrl-C), ``artifacts`` (output
+directory, checkpoints, run record), ``curve`` (loss.csv, loss.png), ``run`` (the order of it
+all), ``events`` (what the caller is told). Importing this package loads no torch.
 """
 
 from nlgen.finetune.events import (
