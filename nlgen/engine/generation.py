@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from nlgen.batching import read_windows
+from nlgen.batching import read_windows, run_in_order
 from nlgen.engine import decode, token_logprobs
 from nlgen.engine.options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 from nlgen.engine.sampling import build_generation_config, seeded_generate
@@ -166,6 +166,11 @@ def generate_indexed(
         set_seed(opts.seed)  # beam sampling still draws from torch's global generator
     lm.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     batch_size = 1 if on_text else opts.batch_size
+
+    def run_batch(batch: list[_Prepared]) -> list[list[Generation]]:
+        with torch.inference_mode():
+            return _generate_batch(lm, batch, config, opts, stats, on_text)
+
     for raw_window, failure in read_windows(iter(source), batch_size):
         window: list[_Prepared] = []
         try:
@@ -182,19 +187,8 @@ def generate_indexed(
                 log.warning(note)
         stats.prompts += len(window)
         # Sort by length so a batch pads little; emit in input order as results complete.
-        order = sorted(window, key=lambda p: len(p.ids))
-        done: dict[int, list[Generation]] = {}
-        waiting = iter(item.index for item in window)  # the window's indices, in input order
-        next_index = next(waiting)
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            with torch.inference_mode():
-                results = _generate_batch(lm, batch, config, opts, stats, on_text)
-            for item, gens in zip(batch, results):
-                done[item.index] = gens
-            while next_index in done:
-                yield from done.pop(next_index)
-                next_index = next(waiting, None)
+        for _, gens in run_in_order(window, batch_size, lambda p: len(p.ids), run_batch):
+            yield from gens
         if failure is not None:
             raise failure
 

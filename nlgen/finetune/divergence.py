@@ -41,7 +41,7 @@ def validation_kl(trainer: Any, lm: loading.LoadedModel, spec: loading.ModelSpec
     model.eval()
     try:
         if opts.lora:
-            # The inner model keeps the body/head split of nlgen.score.scoring; the adapter layers
+            # The inner model keeps the body/head split of nlgen.score.kernel; the adapter layers
             # injected into it follow the PeftModel's switch.
             tuned = loading.LoadedModel(model.base_model.model, lm.tokenizer, lm.name,
                                         lm.source, device, "float32")

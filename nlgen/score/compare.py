@@ -10,8 +10,8 @@ each token is predicted once, by both. At each predicted position we take both l
 - whether both models rank the same token first (top-1 agreement).
 
 Memory stays bounded: texts are read a group at a time, the body runs once per batch of windows
-(B, T, H), and the two LM heads run on a chunk of scored rows at a time, so at most
-``CHUNK_ELEMENTS`` logits per model exist at once: never (B, T, V).
+(B, T, H), and the two LM heads run on a chunk of scored rows at a time (nlgen.score.kernel),
+so at most ``CHUNK_ELEMENTS`` logits per model exist at once: never (B, T, V).
 
 A LoRA fine-tune can be compared with its base without a second copy in memory: pass no
 reference model and a ``reference_ctx`` that switches the adapter off (peft's
@@ -33,16 +33,9 @@ from nlgen.errors import ModelError, UsageError
 from nlgen.inputs import Text
 from nlgen.models.adapters import ReferenceContext
 from nlgen.models.loading import LoadedModel
-from nlgen.score.scoring import (
-    CHUNK_ELEMENTS,
-    Method,
-    ScoreOptions,
-    TextScore,
-    safe_exp,
-    split_model,
-    text_metrics,
-)
-from nlgen.score.windows import Batch, Pending, ProgressCallback, WindowResult, WindowRunner
+from nlgen.score.kernel import Batch, head_vocab, hidden_rows, score_rows, split_model
+from nlgen.score.scoring import Method, ScoreOptions, TextScore, safe_exp, text_metrics
+from nlgen.score.windows import Pending, ProgressCallback, WindowResult, WindowRunner
 
 log = logging.getLogger("nlgen")
 
@@ -195,40 +188,22 @@ class Comparer(WindowRunner):
         """[reference nll, model nll, KL, agreements] summed over each window's scored tokens."""
         import torch
 
-        with torch.inference_mode():
-            hidden = self._model[0](batch.ids, batch.mask)[batch.where]  # (N, H)
-            with self._ctx():
-                ref_hidden = self._ref[0](batch.ids, batch.mask)[batch.where]  # (N, H)
-            per_row = self._rows(hidden, ref_hidden, batch.targets)  # (N, 4) float64
-        return [part.sum(dim=0).tolist() for part in torch.split(per_row, batch.counts)]
+        body, head = self._model
+        ref_body, ref_head = self._ref
 
-    def _rows(self, hidden: Any, ref_hidden: Any, targets: Any) -> Any:
-        """Per row: reference nll, model nll, KL(reference || model), 1.0 where top-1 agrees.
-
-        Both heads run a chunk of rows at a time; log-softmaxes in float32, the sum over the
-        vocabulary of each row's KL in float64 (it adds V small terms).
-        """
-        import torch
-
-        vocab = int(getattr(self.lm.model.config, "vocab_size", 0) or 50_000)
-        chunk = max(1, CHUNK_ELEMENTS // vocab)
-        out = torch.empty((hidden.shape[0], 4), dtype=torch.float64)  # (N, 4)
-        for start in range(0, hidden.shape[0], chunk):
-            part = slice(start, start + chunk)
-            tgt = targets[part][:, None]  # (C, 1)
-            lp = torch.log_softmax(self._model[1](hidden[part]).float(), dim=-1)  # (C, V)
+        def reference_head(rows: Any) -> Any:
             with self._ctx():  # an adapter may sit on the LM head too
-                ref_logits = self._ref[1](ref_hidden[part])
-            ref_lp = torch.log_softmax(ref_logits.float(), dim=-1)  # (C, V)
-            ref_p = ref_lp.exp()  # (C, V)
-            # 0 * log(0 / q) is 0, not 0 * -inf = nan: tokens the reference rules out add nothing.
-            terms = torch.where(ref_p > 0, ref_p * (ref_lp - lp), 0.0)  # (C, V)
-            kl = terms.sum(dim=-1, dtype=torch.float64)  # (C,)
-            agree = (lp.argmax(dim=-1) == ref_lp.argmax(dim=-1)).double()  # (C,)
-            out[part] = torch.stack([-ref_lp.gather(1, tgt)[:, 0].double(),
-                                     -lp.gather(1, tgt)[:, 0].double(), kl, agree],
-                                    dim=1).cpu()
-        return out
+                return ref_head(rows)
+
+        with torch.inference_mode():
+            hidden = hidden_rows(body, batch)  # (N, H)
+            with self._ctx():
+                ref_hidden = hidden_rows(ref_body, batch)  # (N, H)
+            rows = score_rows(head, hidden, batch.targets, vocab=head_vocab(self.lm.model),
+                              ref_head=reference_head, ref_hidden=ref_hidden)
+        per_row = torch.stack([-rows.ref_logprob, -rows.logprob, rows.kl, rows.agree.double()],
+                              dim=1)  # (N, 4) float64
+        return [part.sum(dim=0).tolist() for part in torch.split(per_row, batch.counts)]
 
 
 def compare_texts(lm: LoadedModel, texts: Iterable[Text], opts: ScoreOptions, *,

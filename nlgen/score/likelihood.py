@@ -15,7 +15,7 @@ and lm_eval/api/model.py: ``_encode_pair``, ``loglikelihood``, ``_loglikelihood_
 
 Where we differ, and why: the log-softmax is always taken in float32 (lm-eval takes it in the
 model's dtype unless told otherwise: the same for float32 models), sums are float64, and the LM
-head runs only at the continuation positions (see nlgen.score.scoring). Batches hold requests of
+head runs only at the continuation positions (nlgen.score.kernel). Batches hold requests of
 similar length, longest first, right-padded, within a read-ahead group of
 ``batch_size * READ_AHEAD_BATCHES`` requests, so results stream out in input order.
 
@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nlgen.batching import read_ahead
+from nlgen.batching import read_ahead, run_in_order
 from nlgen.errors import UsageError
 from nlgen.models.loading import LoadedModel
-from nlgen.score.scoring import CHUNK_ELEMENTS, split_model
+from nlgen.score.kernel import head_vocab, hidden_rows, pack_rows, score_rows, split_model
 from nlgen.score.token_bytes import TokenText
 
 log = logging.getLogger("nlgen")
@@ -226,80 +226,42 @@ class ContinuationScorer:
                    progress: ProgressCallback | None) -> Iterator[ContinuationScore]:
         """Score `group` in batches, longest first; yield its results in input order."""
         work = [item for item in group if item.result is None]
-        # lm-eval's order: longest first (the first batch shows at once whether memory holds),
-        # ties by the tokens themselves, so batches and their rounding repeat run to run.
-        work.sort(key=lambda item: (-len(item.fed), item.fed))
         self.scored += len(group) - len(work)
-        size = self.opts.batch_size
-        for start in range(0, len(work), size):
-            batch = work[start:start + size]
-            for item, result in zip(batch, self._score_batch(batch), strict=True):
-                item.result = result
+
+        def run(batch: list[_Item]) -> list[ContinuationScore]:
+            results = self._score_batch(batch)
             self.scored += len(batch)
             if progress is not None:
                 progress(self.scored, self.read)
+            return results
+
+        # lm-eval's order: longest first (the first batch shows at once whether memory holds),
+        # ties by the tokens themselves, so batches and their rounding repeat run to run.
+        scored = run_in_order(work, self.opts.batch_size, lambda item: (-len(item.fed), item.fed),
+                              run)
         for item in group:
-            assert item.result is not None  # every item was scored above or failed in _prepare
+            if item.result is None:  # the next one scored, in input order
+                _, item.result = next(scored)
             yield item.result
 
     def _score_batch(self, batch: Sequence[_Item]) -> list[ContinuationScore]:
         """One forward pass over `batch` (right-padded), then the head at continuation rows."""
         import torch
 
-        lengths = [len(item.fed) for item in batch]
-        width = max(lengths)
-        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
-        rows: list[int] = []
-        cols: list[int] = []
-        targets: list[int] = []
-        for i, item in enumerate(batch):
-            n = len(item.fed)
-            ids[i, :n] = torch.tensor(item.fed)
-            mask[i, :n] = 1
-            # Position j predicts token j + 1: the continuation's tokens are predicted by the
-            # last len(continuation) positions the model reads.
-            rows.extend([i] * len(item.continuation))
-            cols.extend(range(n - len(item.continuation), n))
-            targets.extend(item.continuation)
-        device = self.lm.device
+        # Position j predicts token j + 1: the continuation's tokens are predicted by the last
+        # len(continuation) positions the model reads.
+        packed = pack_rows([(item.fed, len(item.fed) - len(item.continuation), item.continuation)
+                            for item in batch], self._pad_id, self.lm.device)
         with torch.inference_mode():
-            hidden = self._body(ids.to(device),
-                                None if min(lengths) == width else mask.to(device))  # (B, T, H)
-            picked = hidden[torch.tensor(rows, device=device),
-                            torch.tensor(cols, device=device)]  # (N, H)
-            target_lp, greedy, top_lp, top_ids = self._rows(
-                picked, torch.tensor(targets, device=device))
-        counts = [len(item.continuation) for item in batch]
-        parts = zip(batch, torch.split(target_lp, counts), torch.split(greedy, counts),
+            rows = score_rows(self._head, hidden_rows(self._body, packed), packed.targets,
+                              vocab=head_vocab(self.lm.model), greedy=True, top_k=self.top_k)
+        counts = packed.counts
+        n, k = len(rows.logprob), self.top_k
+        top_lp = rows.top_logprobs if k else torch.empty((n, 0), dtype=torch.float64)  # (N, K)
+        top_ids = rows.top_ids if k else torch.empty((n, 0), dtype=torch.long)  # (N, K)
+        parts = zip(batch, torch.split(rows.logprob, counts), torch.split(rows.greedy, counts),
                     torch.split(top_lp, counts), torch.split(top_ids, counts), strict=True)
         return [self._result(item, *part) for item, *part in parts]
-
-    def _rows(self, hidden: Any, targets: Any) -> tuple[Any, Any, Any, Any]:
-        """Per row of `hidden` (N, H): log p(target), target == argmax, top-k values and ids.
-
-        The LM head and the float32 log-softmax run a chunk of rows at a time, so at most
-        CHUNK_ELEMENTS logits exist at once.
-        """
-        import torch
-
-        vocab = int(getattr(self.lm.model.config, "vocab_size", 0) or 50_000)
-        chunk = max(1, CHUNK_ELEMENTS // vocab)
-        n, k = hidden.shape[0], self.top_k
-        target_lp = torch.empty(n, dtype=torch.float64)  # (N,)
-        greedy = torch.empty(n, dtype=torch.bool)  # (N,)
-        top_lp = torch.empty((n, k), dtype=torch.float64)  # (N, K)
-        top_ids = torch.empty((n, k), dtype=torch.long)  # (N, K)
-        for start in range(0, n, chunk):
-            part = slice(start, start + chunk)
-            logprobs = torch.log_softmax(self._head(hidden[part]).float(), dim=-1)  # (C, V)
-            tgt = targets[part]
-            target_lp[part] = logprobs.gather(1, tgt[:, None])[:, 0].double().cpu()
-            greedy[part] = (logprobs.argmax(dim=-1) == tgt).cpu()
-            if k:
-                values, indices = logprobs.topk(k, dim=-1)  # (C, K), sorted, largest first
-                top_lp[part], top_ids[part] = values.double().cpu(), indices.cpu()
-        return target_lp, greedy, top_lp, top_ids
 
     def _result(self, item: _Item, target_lp: Any, greedy: Any, top_lp: Any,
                 top_ids: Any) -> ContinuationScore:

@@ -13,9 +13,9 @@ it):
   means padding never reaches a real position, the mask is there for models that care);
 - the transformer body runs once per window without a KV cache (nothing is decoded);
 - the LM head runs only on the positions that are scored, a chunk at a time, and the
-  log-softmax of each chunk is taken in float32 only for those rows: the guide computes
-  full-vocabulary logits for every position of every window and upcasts all of them to float32
-  inside the loss;
+  log-softmax of each chunk is taken in float32 only for those rows (nlgen.score.kernel, the
+  one kernel of every scoring command): the guide computes full-vocabulary logits for every
+  position of every window and upcasts all of them to float32 inside the loss;
 - negative log-likelihoods are summed in float64 and counted exactly: the guide counts
   ``trg_len - 1`` tokens for every window, but its overlapping windows score ``trg_len`` (only the
   first window loses a label to the shift), which weights windows slightly wrongly.
@@ -26,27 +26,18 @@ progress bar is a callback.
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from nlgen.errors import UsageError
 from nlgen.inputs import Text
 from nlgen.models.loading import LoadedModel
-from nlgen.score.windows import (
-    Batch,
-    Pending,
-    ProgressCallback,
-    WindowResult,
-    WindowRunner,
-)
-
-log = logging.getLogger("nlgen")
+from nlgen.score.kernel import Batch, head_vocab, hidden_rows, score_rows, split_model
+from nlgen.score.windows import Pending, ProgressCallback, WindowResult, WindowRunner
 
 DEFAULT_MAX_LENGTH_CAP = 1024  # the guide's window (GPT-2's context); longer costs memory
-CHUNK_ELEMENTS = 1 << 23  # logits per chunk of the LM head (8 M: 32 MB in float32)
 # How each number is derived from the sums, stated beside every result.
 NORMALISATION = ("perplexity = exp(nll_sum / tokens_scored); nll = nll_sum / tokens_scored "
                  "(nats/token); bits_per_byte = nll_sum / (ln 2 * bytes_scored); "
@@ -204,28 +195,10 @@ class Scorer(WindowRunner):
         import torch
 
         with torch.inference_mode():
-            hidden = self._body(batch.ids, batch.mask)  # (B, T, H)
-            picked = hidden[batch.where]  # (N, H)
-            nll = self._token_nll(picked, batch.targets).double().cpu()  # (N,)
+            rows = score_rows(self._head, hidden_rows(self._body, batch), batch.targets,
+                              vocab=head_vocab(self.lm.model))
+        nll = -rows.logprob  # (N,) float64
         return [[float(part.sum())] for part in torch.split(nll, batch.counts)]
-
-    def _token_nll(self, hidden: Any, targets: Any) -> Any:
-        """-log p(target) for each row of `hidden` (N, H): the LM head a chunk at a time."""
-        import torch
-        import torch.nn.functional as F
-
-        vocab = self._head_vocab()
-        chunk = max(1, CHUNK_ELEMENTS // vocab)
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (N,)
-        for start in range(0, hidden.shape[0], chunk):
-            logits = self._head(hidden[start:start + chunk])  # (C, V), model dtype
-            # Upcast only these rows: the log-softmax of bfloat16 logits loses digits.
-            out[start:start + chunk] = F.cross_entropy(logits.float(), targets[start:start + chunk],
-                                                       reduction="none")
-        return out
-
-    def _head_vocab(self) -> int:
-        return int(getattr(self.lm.model.config, "vocab_size", 0) or 50_000)
 
 
 def _result(pending: Pending) -> TextScore:
@@ -243,57 +216,6 @@ def text_metrics(text: str, nll_sum: float, tokens: int, unscored: tuple[int, in
     return Metrics(nll_sum=nll_sum, tokens=tokens, bytes=len(text.encode("utf-8")),
                    words=len(text.split()), unscored_bytes=unscored[0],
                    unscored_words=unscored[1])
-
-
-def split_model(model: Any) -> tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]:
-    """(body, head): hidden states of a batch, and the LM head (with its scaling) on rows.
-
-    The split is checked once against the model's own forward on a few tokens; where they
-    disagree (an architecture that does more after its head than we know of) the full forward
-    is used instead, correct but with full-vocabulary logits for every position.
-    """
-    import torch
-
-    base = getattr(model, "base_model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    config = model.config
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
-
-    def body(ids: Any, mask: Any) -> Any:
-        out = base(input_ids=ids, attention_mask=mask, use_cache=False)
-        return out[0]  # last_hidden_state, (B, T, H)
-
-    def lm_head(hidden: Any) -> Any:
-        logits = head(hidden)
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            logits = logits * scale
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
-    def full_body(ids: Any, mask: Any) -> Any:
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
-
-    def identity(logits: Any) -> Any:
-        return logits
-
-    if base is None or base is model or head is None:
-        log.info("scoring with the model's full forward (no separate LM head found)")
-        return full_body, identity
-    probe = torch.tensor([[1, 2, 3, 4]], device=model.device) % int(config.vocab_size or 5)
-    with torch.inference_mode():
-        try:
-            expected = model(input_ids=probe, use_cache=False).logits[0].float()  # (4, V)
-            got = lm_head(body(probe, None)[0]).float()
-        except Exception as exc:  # an unusual signature: the full forward still works
-            log.info("scoring with the model's full forward (%s)", exc)
-            return full_body, identity
-    tolerance = 1e-3 * float(expected.abs().max()) + 1e-4
-    if got.shape != expected.shape or float((got - expected).abs().max()) > tolerance:
-        log.info("scoring with the model's full forward (its head is not a plain projection)")
-        return full_body, identity
-    return body, lm_head
 
 
 def score_texts(lm: LoadedModel, texts: Iterable[Text], opts: ScoreOptions,

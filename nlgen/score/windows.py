@@ -25,9 +25,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nlgen.batching import read_ahead
+from nlgen.batching import read_ahead, sorted_batches
 from nlgen.inputs import Text
 from nlgen.models.loading import LoadedModel
+from nlgen.score.kernel import Batch, pack_rows
 from nlgen.score.token_bytes import TokenSizes
 
 READ_AHEAD_TEXTS = 8  # texts read ahead = batch_size * this, their windows sorted by length
@@ -178,17 +179,6 @@ class WindowResult:
         return self.error is None
 
 
-@dataclass
-class Batch:
-    """A batch of windows as tensors: ids, mask, and which positions predict which tokens."""
-
-    ids: Any  # (B, T) long, right-padded, on the device
-    mask: Any | None  # (B, T), None when no window is padded
-    where: tuple[Any, Any]  # (rows, cols) of the predicting positions, (N,) each
-    targets: Any  # (N,) the tokens they predict
-    counts: list[int]  # predicted tokens per window, to split (N,) back into windows
-
-
 class WindowRunner:
     """Texts -> windows -> batches -> per-text sums. Subclasses compute a batch's sums."""
 
@@ -254,46 +244,18 @@ class WindowRunner:
                    progress: ProgressCallback | None) -> Iterator[Pending]:
         """Run every window of `group` in batches, longest first; yield the texts in order."""
         work = [(p, w) for p in group for w in p.windows]
-        # Similar lengths share a batch, so little is spent on padding; the sort is stable, so
-        # the batches (and their float rounding) are the same from run to run.
-        work.sort(key=lambda pw: pw[1][1] - pw[1][0], reverse=True)
-        work = work[self.shard[0]::self.shard[1]]  # with several ranks, a mix of every length
-        self.planned += sum(w[1] - w[2] for _, w in work)
-        size = self.opts.batch_size
-        for start in range(0, len(work), size):
-            chunk = work[start:start + size]
-            for (p, _), sums in zip(chunk, self.batch_sums(self.pack(chunk)), strict=True):
+        batches = sorted_batches(work, self.opts.batch_size, key=lambda pw: pw[1][1] - pw[1][0],
+                                 reverse=True, shard=self.shard)
+        self.planned += sum(w[1] - w[2] for batch in batches for _, w in batch)
+        for batch in batches:
+            packed = pack_rows([(p.ids[begin:end], first - 1 - begin, p.ids[first:end])
+                                for p, (begin, end, first) in batch], self._pad_id, self.lm.device)
+            for (p, _), sums in zip(batch, self.batch_sums(packed), strict=True):
                 p.sums = [a + b for a, b in zip(p.sums, sums, strict=True)]
-            self.scored += sum(w[1] - w[2] for _, w in chunk)
+            self.scored += sum(w[1] - w[2] for _, w in batch)
             if progress is not None:
                 progress(self.scored, self.planned)
         yield from group
-
-    def pack(self, chunk: list[tuple[Pending, Window]]) -> Batch:
-        """The windows of `chunk` as one right-padded batch on the model's device."""
-        import torch
-
-        lengths = [end - begin for _, (begin, end, _) in chunk]
-        width = max(lengths)
-        ids = torch.full((len(chunk), width), self._pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
-        rows: list[int] = []
-        cols: list[int] = []
-        counts = []
-        for i, (pending, (begin, end, first)) in enumerate(chunk):
-            ids[i, : end - begin] = torch.tensor(pending.ids[begin:end])
-            mask[i, : end - begin] = 1
-            # The logits at window position j predict token j + 1: the scored tokens
-            # [first, end) are predicted from positions [first - 1, end - 1) - begin.
-            positions = range(first - 1 - begin, end - 1 - begin)
-            rows.extend([i] * len(positions))
-            cols.extend(positions)
-            counts.append(len(positions))
-        row_index, col_index = torch.tensor(rows), torch.tensor(cols)
-        device = self.lm.device
-        targets = ids[row_index, col_index + 1].to(device)  # (N,)
-        return Batch(ids.to(device), None if min(lengths) == width else mask.to(device),
-                     (row_index.to(device), col_index.to(device)), targets, counts)
 
     def batch_sums(self, batch: Batch) -> list[list[float]]:
         """Per window of `batch`: the `quantities` sums over its predicted tokens."""
