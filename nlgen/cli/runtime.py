@@ -35,7 +35,10 @@ def debug_enabled() -> bool:
 # Set for nlgen's own process by the CLI (never by the core), as defaults a user's own setting
 # overrides; they are read when each library is imported.
 QUIET_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                   "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "DATASETS_VERBOSITY": "error"}
+                   "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+                   # critical, not error: the csv loader logs a malformed file's parser error
+                   # itself, and nlgen reports it once, as an InputError.
+                   "DATASETS_VERBOSITY": "critical"}
 
 
 def quiet_libraries() -> None:
@@ -49,6 +52,10 @@ def quiet_libraries() -> None:
             sys.modules["transformers"].logging.set_verbosity_error()
         if bars_off:
             sys.modules["transformers"].logging.disable_progress_bar()
+    if "datasets" in sys.modules and os.environ["DATASETS_VERBOSITY"] == "critical":
+        sys.modules["datasets"].utils.logging.set_verbosity(logging.CRITICAL)
+        if os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1":
+            sys.modules["datasets"].disable_progress_bars()
     if "huggingface_hub" in sys.modules and bars_off:
         from huggingface_hub.utils import disable_progress_bars
 

@@ -32,15 +32,6 @@ class PackedData:
     collator: Any = None  # records: pads each batch (None: the blocks need no padding)
 
 
-def _quiet_datasets() -> None:
-    import datasets
-
-    # CRITICAL, not ERROR: the csv loader logs a malformed file's parser error itself, and we
-    # report it once, as an InputError.
-    datasets.utils.logging.set_verbosity(logging.CRITICAL)
-    datasets.disable_progress_bars()
-
-
 def load_texts(sources: list[Source], opts: FinetuneOptions) -> Any:
     """The inputs as one datasets.Dataset with a single "text" column (one row a document)."""
     from datasets import Dataset, concatenate_datasets, load_dataset
@@ -120,7 +111,6 @@ def prepare_data(sources: list[Source], validation: list[Source], opts: Finetune
                  tokenizer: Any, block_size: int,
                  main_process_first: Callable[[], Any]) -> PackedData:
     """Tokenize and pack the training text, and split off (or pack) the validation blocks."""
-    _quiet_datasets()
     size = sum(s.size for s in sources)
     # Worker processes cost ~1 s each to start; worth it only on a large corpus.
     num_proc = min(os.cpu_count() or 1, 8) if size > 64 << 20 else None

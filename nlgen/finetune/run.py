@@ -290,9 +290,11 @@ def _save(trainer: Any, tokenizer: Any, opts: FinetuneOptions, plan: artifacts.P
     if main and tmp.exists():
         shutil.rmtree(tmp)  # what a crash left behind
     trainer.accelerator.wait_for_everyone()
-    from transformers.utils import logging as hf_logging
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the Trainer turned transformers' bars back on
+        # The Trainer turned transformers' bars on; the process had them off: off again.
+        hf_logging.disable_progress_bar()
     from safetensors import SafetensorError
 
     try:
