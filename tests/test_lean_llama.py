@@ -13,22 +13,21 @@ PROMPTS = ["The quick brown fox", "Once upon a time", "A"]
 
 
 def _greedy(lm, prompt, n, *, lean):
-    """decode()'s greedy tokens, through the lean forward or (lean=False) the model's own."""
+    """Greedy tokens: nlgen's loop on the lean forward (lean=True), or transformers' generate()
+    on the model (which is built for it; the lean weights ``lm`` held are kept)."""
     import torch
 
     config = build_generation_config(lm, GenerationOptions(greedy=True))
-    config = decode.sampling.resolve_config(lm.generation_config, config)
     ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    supports, weights = lean_llama.supports, lm.lean
-    try:
-        if not lean:
-            assert lm.model is not None  # built now, if the load was a lean one
-            lm.lean, lean_llama.supports = None, lambda model: False
-        with torch.inference_mode():
-            out = decode.decode(lm, input_ids=ids, generation_config=config,
-                                max_new_tokens=n)
-    finally:
-        lean_llama.supports, lm.lean = supports, weights
+    weights = lm.lean
+    with torch.inference_mode():
+        if lean:
+            out = decode.runner(lm, config, rows=1, engine="nlgen")(
+                input_ids=ids, max_new_tokens=n)
+        else:
+            out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    generation_config=config, max_new_tokens=n)
+            lm.lean = weights  # building the model let the files' copy go: keep comparing it
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -39,37 +38,20 @@ def llama_lm(tiny_llama):
     return load_model(str(tiny_llama), device="cpu", dtype="float32")
 
 
-def test_step_logits_match_the_model_forward_prompt_then_tokens(llama_lm):
-    import torch
-
-    model = llama_lm.model
-    ids = torch.tensor([[5, 9, 2, 7, 11, 3]])
-    lean = lean_llama.LeanLlama(lean_weights.from_model(model), max_len=8)
-    with torch.inference_mode():
-        full = model(ids).logits.float()  # (1, 6, V): every position at once
-        first = lean.step(ids[:, :4], 0)  # a prompt of 4
-        second = lean.step(ids[:, 4:5], 4)  # then one token at a time
-        third = lean.step(ids[:, 5:6], 5)
-        with pytest.raises(ValueError, match="past the cache"):
-            lean.step(ids[:, :4], 5)
-    for got, expected in ((first, full[:, 3]), (second, full[:, 4]), (third, full[:, 5])):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_supports_llama_but_not_gpt2_or_scaled_rope(llama_lm, tiny_lm):
-    assert lean_llama.supports(llama_lm.model)
-    assert not lean_llama.supports(tiny_lm.model)
+def test_reason_names_the_architecture_or_the_config_key(llama_lm, tiny_lm):
+    assert lean_llama.reason(llama_lm.model) is None
+    assert lean_llama.reason(tiny_lm.model) == "architecture GPT2LMHeadModel"
     config = llama_lm.model.config
     saved = dict(config.rope_parameters)
     try:
-        config.rope_parameters = {**saved, "rope_type": "linear", "factor": 2.0}
-        assert not lean_llama.supports(llama_lm.model)
+        config.rope_parameters = {**saved, "rope_type": "dynamic", "factor": 2.0}
+        assert lean_llama.reason(llama_lm.model) == "config rope_type 'dynamic'"
     finally:
         config.rope_parameters = saved
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_tokens_equal_the_model_forward_float32(llama_lm, prompt):
+def test_greedy_tokens_equal_generate_float32(llama_lm, prompt):
     assert _greedy(llama_lm, prompt, 24, lean=True) == _greedy(llama_lm, prompt, 24, lean=False)
 
 
@@ -118,7 +100,7 @@ def test_builtin_default_load_runs_int4_and_the_lean_forward_gives_its_greedy_te
         pytest.skip("this CPU has no fast bfloat16: auto keeps float32, no int4")
     files = lm.lean  # read from the files and the int4 cache (None when the cache was made now)
     assert lm.quantization == "int4" and lean_llama.supports(lm.model)
-    lm.lean = files  # compare the files' weights with the model's own forward
+    lm.lean = files  # compare the files' weights with generate() on the model
     prompt = "The history of the printing press"
     assert _greedy(lm, prompt, 48, lean=True) == _greedy(lm, prompt, 48, lean=False)
     # A small batch runs transformers' generate() on the same int4 layers and 8-bit head.

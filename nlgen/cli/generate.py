@@ -19,6 +19,7 @@ from nlgen.cli.options import (
     DeviceOpt,
     Dtype,
     DtypeOpt,
+    Engine,
     GenerateFormat,
     InputFormat,
     ModelOpt,
@@ -139,6 +140,11 @@ def generate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
     quantize: QuantizeOpt = Quantize.auto,
+    engine: Annotated[Engine, typer.Option(
+        "--engine", help="auto: nlgen's one-prompt loop (a lean GPT-2 / Llama / Qwen2 forward, "
+        "the same tokens as generate()) where it can run the model and options, else "
+        "transformers' generate(); nlgen: that loop, or an error saying why not; "
+        "transformers: generate() always. -v says which ran.")] = Engine.auto,
     trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -168,7 +174,7 @@ def generate(
         num_beams=num_beams, num_return_sequences=num_return_sequences, greedy=greedy,
         seed=seed, max_time=max_time, stop=tuple(stop or ()),
         extra=extra_options.parse_extra_options(option or ()), batch_size=batch_size, chat=chat,
-        truncate=not no_truncate, logprobs=logprobs,
+        truncate=not no_truncate, logprobs=logprobs, engine=engine.value,
     )
     jsonl = fmt is GenerateFormat.jsonl
     if stream and jsonl:
@@ -277,11 +283,16 @@ def _identity(prompts: list[str] | None, file: str | None, fmt: str,
               opts: generation.GenerationOptions, *, whole: bool, model: str | None,
               device: str, dtype: Dtype, quantize: Quantize) -> jobfile.JobIdentity:
     """What defines this job for --resume: its input, its model, and every option that changes
-    its records (the batch size changes none; dtype, quantization and device change numbers).
+    its records (dtype, quantization and device change numbers).
 
-    --skip-bad is left out: a job stopped by a bad record resumes with it.
+    Left out: --skip-bad (a job stopped by a bad record resumes with it), the batch size and
+    --engine. Neither changes the model's arithmetic: in float32 the engines give the same
+    tokens (tests/test_engine_equivalence.py), and in bfloat16 a near tie may round either way,
+    as it already may between a prompt alone and the same prompt in a padded batch (a job mixes
+    both whatever its batch size). Keeping them out also lets a job resume with another.
     """
-    options = {k: v for k, v in dataclasses.asdict(opts).items() if k != "batch_size"}
+    options = {k: v for k, v in dataclasses.asdict(opts).items()
+               if k not in ("batch_size", "engine")}
     options.update(input_format=fmt, whole=whole, device=device, dtype=dtype.value,
                    quantize=quantize.value)
     if prompts:

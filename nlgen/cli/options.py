@@ -37,6 +37,14 @@ class Quantize(str, Enum):
     int8 = "int8"
 
 
+class Engine(str, Enum):
+    """generate --engine: auto, nlgen's one-prompt loop where it runs, else transformers'."""
+
+    auto = "auto"
+    nlgen = "nlgen"
+    transformers = "transformers"
+
+
 class Precision(str, Enum):
     """Mixed precision of a training run (the weights stay float32)."""
 

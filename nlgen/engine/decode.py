@@ -3,16 +3,18 @@
 ``generate()`` prepares each step through general machinery (input preparation, cache and mask
 bookkeeping, stopping criteria, a logits processor list whose top-p warper sorts the whole
 49k vocabulary at every step). For the common case, one prompt and one sequence with plain
-sampling or greedy decoding, this loop does the same arithmetic with less around it: the same
-forward (nlgen.engine.lean_llama's for a Llama; else the model's own, with a DynamicCache and
-``logits_to_keep=1``), float32 logits, the same processors for the penalties, and top-k / top-p
-computed on the k candidates instead of the vocabulary.
+sampling or greedy decoding, this loop does the same arithmetic with less around it: a lean
+forward of the model (nlgen.engine.lean_gpt2 for GPT-2, lean_llama for the Llama family),
+float32 logits, the same processors for the penalties, and top-k / top-p computed on the k
+candidates instead of the vocabulary.
 
-Greedy decoding gives the same tokens as ``generate()`` (tests/test_decode.py). Sampling draws
-from the same distribution, but not the same tokens for a given torch seed (the multinomial
-runs over k candidates, not the vocabulary), so seeded runs keep ``generate()``; so does every
-configuration this loop does not know (:func:`runner` decides, from the resolved config).
-Measurements: benchmarks/bench_generate.py, README "Benchmarks".
+Greedy decoding gives the same tokens as ``generate()`` (tests/test_decode.py,
+tests/test_engine_equivalence.py). Sampling draws from the same distribution, but not the same
+tokens for a given torch seed (the multinomial runs over k candidates, not the vocabulary), so
+seeded runs keep ``generate()``; so does every configuration this loop does not know, and every
+model without a lean forward (:func:`runner` decides, from the resolved config and the model;
+``--engine`` can insist on either side). Measurements: benchmarks/bench_generate.py, README
+"Benchmarks".
 
 torch and transformers are imported inside the functions that use them.
 """
@@ -20,10 +22,15 @@ torch and transformers are imported inside the functions that use them.
 from __future__ import annotations
 
 import inspect
+import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from nlgen.engine import sampling
+from nlgen.errors import ModelError, NlgenError, UsageError
+
+log = logging.getLogger("nlgen")
 
 # Fields this loop implements, with generate()'s semantics.
 HANDLED = {"do_sample", "temperature", "top_k", "top_p", "min_new_tokens", "repetition_penalty",
@@ -51,20 +58,34 @@ def unsupported(config: Any) -> list[str]:
             and not (k in NEUTRAL and v == NEUTRAL[k])]
 
 
-def runner(lm: Any, config: Any, *, rows: int, seeded: bool = False,
-           logprobs: bool = False) -> Callable[..., Any] | None:
+def runner(lm: Any, config: Any, *, rows: int, seeded: bool = False, logprobs: bool = False,
+           engine: str = "auto") -> Callable[..., Any] | None:
     """``decode`` bound to the loaded model ``lm`` when it can run this request, else None
     (use generate()).
 
     ``rows`` is the number of prompts in the batch: only one is decoded here (a batch amortizes
     generate()'s overhead over its rows anyway). A seeded sampling run keeps generate()'s
-    per-prompt random streams (nlgen.engine.sampling); ``logprobs`` needs generate()'s step logits.
+    per-prompt random streams (nlgen.engine.sampling); ``logprobs`` needs generate()'s step
+    logits. The model must have a lean forward (:func:`lean_reason`): an architecture or config
+    nlgen does not know goes to generate(), never to a guess. ``engine``: "auto" decides so;
+    "transformers" always answers None; "nlgen" raises, naming why, where "auto" would fall back
+    (UsageError for the request, ModelError for the model). -v says which ran, and why.
     """
-    if rows != 1 or logprobs or (lm.lean is None and _cache_arg(lm.model) is None):
+    if engine == "transformers":
+        _notice(lm, "transformers' generate() (--engine transformers)")
         return None
     resolved = sampling.resolve_config(lm.generation_config, config)
-    if unsupported(resolved) or (seeded and resolved.do_sample):
+    why = _request_reason(resolved, rows=rows, seeded=seeded, logprobs=logprobs)
+    error: type[NlgenError] = UsageError
+    if why is None:
+        why, error = lean_reason(lm), ModelError
+    if why is not None:
+        if engine == "nlgen":
+            raise error(f"--engine nlgen cannot run this: {why}",
+                        hint="use --engine auto, which falls back to transformers' generate()")
+        _notice(lm, f"transformers' generate(), as nlgen's loop cannot run this: {why}")
         return None
+    _notice(lm, f"nlgen's loop with the lean {_family(lm)} forward")
 
     def run(**kwargs: Any) -> Any:
         kwargs.pop("generation_config", None)  # `config`, resolved above
@@ -73,14 +94,54 @@ def runner(lm: Any, config: Any, *, rows: int, seeded: bool = False,
     return run
 
 
-def _cache_arg(model: Any) -> str | None:
-    """The name of the forward's cache argument ("cache" in transformers 5.2x), or None."""
-    if getattr(model.config, "is_encoder_decoder", False):
+def _request_reason(resolved: Any, *, rows: int, seeded: bool, logprobs: bool) -> str | None:
+    """What in a request only generate() does, in the user's terms; None: the loop does it."""
+    if rows != 1:
+        return f"a batch of {rows} prompts (the loop decodes one at a time)"
+    if logprobs:
+        return "--logprobs (generate()'s step scores)"
+    if seeded and resolved.do_sample:
+        return "--seed with sampling (per-prompt random streams)"
+    fields = unsupported(resolved)
+    if fields:
+        return "generation setting " + ", ".join(f"{k}={getattr(resolved, k)!r}"
+                                                 for k in fields[:3])
+    return None
+
+
+def lean_reason(lm: Any) -> str | None:
+    """Why no lean forward computes what this loaded model computes (the architecture, config
+    key, device or dtype); None when one does. Weights read from the files (a saved Llama)
+    answer None without building the model."""
+    if lm.lean is not None:
         return None
-    params = inspect.signature(model.forward).parameters
-    if "logits_to_keep" not in params:
-        return None
-    return next((n for n in ("cache", "past_key_values") if n in params), None)
+    from nlgen.engine import lean_gpt2, lean_llama
+
+    model = lm.model
+    forward = lean_gpt2 if type(model).__name__ in lean_gpt2.ARCHITECTURES else lean_llama
+    return forward.reason(model)
+
+
+def _family(lm: Any) -> str:
+    from nlgen.models import lean_weights
+
+    if lm.lean is not None:  # read from files: the Llama family only
+        return "Llama-family"
+    return "GPT-2" if type(lm.model).__name__ == lean_weights.GPT2 else "Llama-family"
+
+
+_noticed: dict[int, set[str]] = {}  # id of a loaded model -> the notices said about it
+
+
+def _notice(lm: Any, what: str) -> None:
+    """-v: which engine runs, once per loaded model and reason (not once per batch)."""
+    said = _noticed.get(id(lm))
+    if said is None:
+        said = _noticed[id(lm)] = set()
+        weakref.finalize(lm, _noticed.pop, id(lm), None)  # an id outlives nothing
+    if what not in said:
+        said.add(what)
+        log.info("engine: %s", what)
 
 
 def decode(lm: Any, *, input_ids: Any, generation_config: Any, max_new_tokens: int,
@@ -130,22 +191,28 @@ def decode(lm: Any, *, input_ids: Any, generation_config: Any, max_new_tokens: i
 def stepper(lm: Any, max_len: int) -> Callable[[Any, int], Any]:
     """``step(ids (1, T), position) -> (1, V)`` float32 logits of the token after ``ids``.
 
-    nlgen.engine.lean_llama's forward for the models it supports (the same arithmetic, less around
-    it), else the model's own forward with a DynamicCache. Either keeps its cache between calls.
+    The lean forward (nlgen.engine.lean_gpt2 or lean_llama: the same arithmetic, less around
+    it) where :func:`lean_reason` allows it, else the model's own forward with a DynamicCache
+    (for callers that score a model step by step; :func:`runner` sends such a model to
+    generate()). Either keeps its cache between calls.
     """
     import torch
 
-    from nlgen.engine import lean_llama
+    from nlgen.engine import lean_gpt2, lean_llama
     from nlgen.models import lean_weights
 
-    if lm.lean is None and lean_llama.supports(lm.model):
-        lm.lean = lean_weights.from_model(lm.model)  # once: its fused weights are copies
-    if lm.lean is not None:
-        return lean_llama.LeanLlama(lm.lean, max_len).step
+    if lean_reason(lm) is None:
+        weights = lm.lean if lm.lean is not None else _from_model(lm.model)
+        if isinstance(weights, lean_weights.GPT2Weights):
+            return lean_gpt2.LeanGPT2(weights, max_len).step
+        return lean_llama.LeanLlama(weights, max_len).step
     from transformers import DynamicCache
 
     model = lm.model
-    cache_kw = {_cache_arg(model): DynamicCache(config=model.config)}
+    params = inspect.signature(model.forward).parameters
+    # The forward's cache argument: "cache" in transformers 5.2x, "past_key_values" before.
+    name = "cache" if "cache" in params else "past_key_values"
+    cache_kw = {name: DynamicCache(config=model.config)}
 
     def step(ids: Any, position: int) -> Any:
         # No attention mask: one unpadded row, so the model takes the plain causal path, as
@@ -154,6 +221,20 @@ def stepper(lm: Any, max_len: int) -> Callable[[Any, int], Any]:
         return logits[:, -1].to(dtype=torch.float32)  # (1, V), as generate() upcasts
 
     return step
+
+
+# A loaded model -> its lean weights, made once (fused int4 weights are copies) and let go
+# with the model. Kept here, not in LoadedModel.lean (the weights read from files, which
+# stand in for a model not built yet).
+_made: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _from_model(model: Any) -> Any:
+    from nlgen.models import lean_weights
+
+    if model not in _made:
+        _made[model] = lean_weights.from_model(model)
+    return _made[model]
 
 
 def _as_list(value: Any) -> list[int]:

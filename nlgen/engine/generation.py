@@ -165,7 +165,8 @@ def generate_indexed(
 
         set_seed(opts.seed)  # beam sampling still draws from torch's global generator
     lm.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
-    batch_size = 1 if on_text else opts.batch_size
+    # --engine nlgen runs nlgen's one-prompt loop: prompts go one at a time.
+    batch_size = 1 if on_text or opts.engine == "nlgen" else opts.batch_size
 
     def run_batch(batch: list[_Prepared]) -> list[list[Generation]]:
         with torch.inference_mode():
@@ -211,7 +212,7 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     # One prompt with plain options: nlgen's lean loop (same tokens); otherwise generate(),
     # where with --seed each prompt samples from its own stream (nlgen.engine.sampling).
     lean = decode.runner(lm, config, rows=len(batch), seeded=opts.seed is not None,
-                         logprobs=opts.logprobs is not None)
+                         logprobs=opts.logprobs is not None, engine=opts.engine)
     run = lean or functools.partial(seeded_generate, lm.model, seed=opts.seed,
                                     indices=[p.index for p in batch])
     started = time.perf_counter()

@@ -1,12 +1,17 @@
-"""A Llama's weights in the form nlgen's lean forward runs them, read from a model or files.
+"""The weights of the models nlgen's lean forwards run, in the form they run them.
 
-:class:`Weights` is what :class:`nlgen.engine.lean_llama.LeanLlama` reads: the embeddings, the
-norms, each layer's projections (dense, or int4/int8 from :mod:`nlgen.models.quantized`, with
-q/k/v and gate/up fused into one product where the kernel's packing allows it) and the LM head.
-They come from a loaded transformers model (:func:`from_model`, shared, not copied) or straight
-from a saved directory's ``model.safetensors`` and the int4 cache (:func:`from_files`), without
-building transformers' model: reading the weights in the form they run is a loading concern,
-so it lives with the other readers; the engine only runs them.
+Two families: the Llama family as transformers configures it (``LlamaForCausalLM``,
+``Qwen2ForCausalLM``), whose :class:`Weights` nlgen.engine.lean_llama runs, and GPT-2
+(``GPT2LMHeadModel``), whose :class:`GPT2Weights` nlgen.engine.lean_gpt2 runs. Both come from a
+loaded transformers model (:func:`from_model`: shared, not copied; int4/int8 layers from
+:mod:`nlgen.models.quantized` kept, with q/k/v and gate/up fused where the kernel's packing
+allows it). A saved Llama-family directory can also be read straight from its
+``model.safetensors`` and the int4 cache (:func:`from_files`), without building transformers'
+model: reading the weights in the form they run is a loading concern, so it lives with the
+other readers; the engine only runs them.
+
+:func:`config_reason` says which configs these forwards compute exactly, and names the key that
+rules a config out (the caller falls back to transformers' ``generate()``).
 
 torch is imported inside the functions that use it.
 """
@@ -21,31 +26,77 @@ from typing import Any
 
 from nlgen.models import quantized
 
+LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # model_type -> class
+GPT2 = "GPT2LMHeadModel"
+# RoPE types whose frequencies are fixed once made (transformers' ROPE_INIT_FUNCTIONS compute
+# them; "dynamic" and "longrope" change them with the sequence length, which we do not follow).
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+# transformers' own defaults (the LlamaConfig / Qwen2Config fields) for the keys the forward
+# reads, for a config.json that leaves some out; tests/test_engine_equivalence.py holds them to
+# the classes. Building the class itself costs ~1 s of imports for LlamaConfig (its validators
+# import transformers.activations, hence torch.distributed.tensor), which the files read avoids.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": None,
+              "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+              "head_dim": None},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+              "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": False, "use_sliding_window": False, "layer_types": None},
+}
 
-def supports_config(config: dict[str, Any]) -> bool:
-    """Whether a config.json describes a Llama this forward computes exactly."""
+
+def rope_type(config: dict[str, Any]) -> str:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    return (config.get("model_type") == "llama"
-            and (config.get("architectures") or ["LlamaForCausalLM"]) == ["LlamaForCausalLM"]
-            and config.get("hidden_act", "silu") == "silu"
-            and not config.get("attention_bias") and not config.get("mlp_bias")
-            and config.get("pretraining_tp", 1) == 1
-            and rope.get("rope_type", rope.get("type", "default")) == "default"
-            and "quantization_config" not in config)
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def config_reason(config: dict[str, Any]) -> str | None:
+    """Why the lean forwards do not compute what transformers computes for this config (a
+    model's ``config.to_dict()``, or a config.json with :data:`DEFAULTS` filled in): the
+    architecture or the config key that rules it out; None when they do."""
+    model_type = config.get("model_type")
+    expected = GPT2 if model_type == "gpt2" else LLAMA_FAMILY.get(model_type or "")
+    architectures = config.get("architectures") or ([expected] if expected else [])
+    if expected is None or architectures != [expected]:
+        return "architecture " + ("/".join(map(str, architectures))
+                                  or f"of model type {model_type!r}")
+    if "quantization_config" in config:
+        return "config quantization_config"
+    if model_type == "gpt2":
+        for key in ("add_cross_attention", "reorder_and_upcast_attn"):
+            if config.get(key):
+                return f"config {key}"
+        return None
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    layer_types = config.get("layer_types") or ["full_attention"]
+    checks = {"hidden_act": config.get("hidden_act", "silu") == "silu",
+              "rope_type": rope_type(config) in STATIC_ROPE,
+              "partial_rotary_factor": rope.get("partial_rotary_factor", 1.0) == 1.0
+              and config.get("partial_rotary_factor", 1.0) == 1.0,
+              "use_sliding_window": not config.get("use_sliding_window"),
+              "layer_types": set(layer_types) == {"full_attention"}}
+    failed = next((key for key, ok in checks.items() if not ok), None)
+    if failed is not None:
+        value = rope_type(config) if failed == "rope_type" else config.get(failed)
+        return f"config {failed} {value!r}"
+    return None
 
 
 @dataclass
 class Weights:
-    """What the forward reads: the config, the embeddings, the layers and the LM head."""
+    """What the Llama-family forward reads: the config, the embeddings, the layers and the head."""
 
-    config: Any  # the model's config (or config.json as a namespace): sizes, eps, RoPE
+    config: Any  # the model's config (or config.json with DEFAULTS, as a namespace)
     embed: Any  # (V, H)
     norm: Any  # (H,)
     head: Any  # (..., H) -> (..., V): the LM head, a Linear (tied to `embed` or its own)
     layers: list[_Layer]
-    inv_freq: Any  # (D/2,) float32, LlamaRotaryEmbedding's
-    attention_scaling: float = 1.0
-    generation_config: Any = None  # the model's GenerationConfig (files only)
+    inv_freq: Any  # (D/2,) float32, the model's rotary embedding's
+    attention_scaling: float = 1.0  # its cos/sin factor (yarn's; 1.0 for the others)
+    generation_config: Any = None  # the model's GenerationConfig
 
     @property
     def head_dim(self) -> int:
@@ -53,21 +104,55 @@ class Weights:
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
-def from_model(model: Any) -> Weights:
-    """The weights of a loaded ``LlamaForCausalLM`` (shared, not copied; fused where int4)."""
+@dataclass
+class GPT2Weights:
+    """What the GPT-2 forward reads: Conv1D weights as they are stored, (in, out)."""
+
+    config: Any
+    wte: Any  # (V, H) token embeddings
+    wpe: Any  # (P, H) learned positions
+    ln_f: tuple[Any, Any]  # the final LayerNorm's (weight, bias), each (H,)
+    head: Any  # the LM head module (tied to wte, or quantized)
+    layers: list[Any]  # transformers' GPT2Block modules, whose tensors the forward reads
+    scalings: list[float]  # each layer's attention scale, as GPT2Attention computed it
+    eps: float = 1e-5
+    generation_config: Any = None
+
+
+def from_model(model: Any) -> Weights | GPT2Weights:
+    """The weights of a loaded model that :func:`config_reason` accepts (shared, not copied;
+    fused where int4)."""
+    generation_config = getattr(model, "generation_config", None)
+    if type(model).__name__ == GPT2:
+        body = model.transformer
+        blocks = list(body.h)
+        return GPT2Weights(model.config, body.wte.weight, body.wpe.weight,
+                           (body.ln_f.weight, body.ln_f.bias), model.lm_head, blocks,
+                           [float(b.attn.scaling) for b in blocks], body.ln_f.eps,
+                           generation_config)
     inner = model.model
     layers = [_Layer.of(layer) for layer in inner.layers[:model.config.num_hidden_layers]]
     return Weights(model.config, inner.embed_tokens.weight, inner.norm.weight, model.lm_head,
                    layers, inner.rotary_emb.inv_freq, inner.rotary_emb.attention_scaling,
-                   getattr(model, "generation_config", None))
+                   generation_config)
+
+
+def with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A Llama-family config.json with transformers' defaults for the keys it leaves out."""
+    config = {**DEFAULTS.get(raw.get("model_type") or "", {}), **raw}
+    if config.get("num_key_value_heads") is None:
+        config["num_key_value_heads"] = config["num_attention_heads"]
+    if "head_dim" in config and config["head_dim"] is None:  # LlamaConfig.__post_init__
+        config["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    return config
 
 
 def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None) -> Weights | None:
-    """The weights of a saved Llama directory (config.json, model.safetensors), read without
-    building transformers' model (whose import alone costs ~1.7 s on the 2-core machines);
-    ``int4``: nlgen.models.quantized's cached int4 state for its Linear layers. None when the
-    directory holds something else (another architecture, sharded weights, no generation
-    config): the caller loads it the usual way."""
+    """The weights of a saved Llama-family directory (config.json, model.safetensors), read
+    without building transformers' model (whose import alone costs ~1.7 s on the 2-core
+    machines); ``int4``: nlgen.models.quantized's cached int4 state for its Linear layers.
+    None when the directory holds something else (another architecture, scaled RoPE, sharded
+    weights, missing tensors, no generation config): the caller loads it the usual way."""
     import torch
     from safetensors import safe_open
     from transformers import GenerationConfig
@@ -77,35 +162,42 @@ def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None) -> Weig
     except (OSError, ValueError):
         return None
     weights_file = directory / "model.safetensors"
-    if not (supports_config(raw) and weights_file.is_file()
-            and (directory / "generation_config.json").is_file()):
+    if not (isinstance(raw, dict) and raw.get("model_type") in LLAMA_FAMILY
+            and config_reason(with_defaults(raw)) is None and rope_type(raw) == "default"
+            and weights_file.is_file() and (directory / "generation_config.json").is_file()):
         return None
-    config = SimpleNamespace(**raw)
+    config = SimpleNamespace(**with_defaults(raw))
     with safe_open(str(weights_file), framework="pt") as f:
         tensors = {k: f.get_tensor(k).to(getattr(torch, dtype)) for k in f.keys()}
-
+    tied = config.tie_word_embeddings
+    if not _has_tensors(config, tensors, tied):
+        return None  # transformers would make up the missing ones: let it, and say so
     quantized_parts: dict[str, dict[str, Any]] = {}  # layer name -> its quantized tensors
     for key, value in (int4 or {}).items():
         layer, _, part = key.rpartition(".")
         quantized_parts.setdefault(layer, {})[part] = value
 
-    def linear(name: str, weight_name: str | None = None) -> Any:
+    def linear(name: str, weight_name: str | None = None, bias: bool = False) -> Any:
         """Layer ``name``: its quantized module where the int4 state has it, else dense."""
         weight = tensors[f"{weight_name or name}.weight"]
+        b = tensors[f"{name}.bias"] if bias else None
         if name in quantized_parts:
-            return quantized.module_for(quantized_parts[name], weight)
+            return quantized.module_for(quantized_parts[name], weight, b)
         module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         module.weight = torch.nn.Parameter(weight, requires_grad=False)
+        module.bias = None if b is None else torch.nn.Parameter(b, requires_grad=False)
         return module
 
+    attn_bias, mlp_bias = _biases(config)
     layers = []
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         layers.append(_Layer(
             tensors[p + "input_layernorm.weight"], tensors[p + "post_attention_layernorm.weight"],
-            *(linear(p + "self_attn." + n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
-            *(linear(p + "mlp." + n) for n in ("gate_proj", "up_proj", "down_proj"))))
-    tied = raw.get("tie_word_embeddings", True) or "lm_head.weight" not in tensors
+            *(linear(p + "self_attn." + n, bias=n in attn_bias)
+              for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+            *(linear(p + "mlp." + n, bias=mlp_bias) for n in ("gate_proj", "up_proj",
+                                                               "down_proj"))))
     head = linear("lm_head", "model.embed_tokens" if tied else None)
     rope = raw.get("rope_parameters") or {}
     base = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
@@ -114,6 +206,30 @@ def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None) -> Weig
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
     return Weights(config, tensors["model.embed_tokens.weight"], tensors["model.norm.weight"],
                    head, layers, inv_freq, 1.0, GenerationConfig.from_pretrained(directory))
+
+
+def _biases(config: Any) -> tuple[tuple[str, ...], bool]:
+    """Which attention projections have a bias, and whether the MLP's do: Qwen2 has q/k/v
+    biases (not o), Llama all four or none (attention_bias), and mlp_bias."""
+    if config.model_type == "qwen2":
+        return ("q_proj", "k_proj", "v_proj"), False
+    attn = ("q_proj", "k_proj", "v_proj", "o_proj") if config.attention_bias else ()
+    return attn, bool(config.mlp_bias)
+
+
+def _has_tensors(config: Any, tensors: dict[str, Any], tied: bool) -> bool:
+    attn_bias, mlp_bias = _biases(config)
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    names += [] if tied else ["lm_head.weight"]
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names += [f"{p}self_attn.{n}.weight"] + ([f"{p}self_attn.{n}.bias"]
+                                                     if n in attn_bias else [])
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            names += [f"{p}mlp.{n}.weight"] + ([f"{p}mlp.{n}.bias"] if mlp_bias else [])
+    return all(name in tensors for name in names)
 
 
 class _Layer:
@@ -130,7 +246,7 @@ class _Layer:
 
     @classmethod
     def of(cls, layer: Any) -> _Layer:
-        """The layer of a transformers LlamaDecoderLayer (its own modules)."""
+        """The layer of a transformers Llama/Qwen2 decoder layer (its own modules)."""
         attn, mlp = layer.self_attn, layer.mlp
         return cls(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                    attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,

@@ -1,0 +1,100 @@
+"""A lean forward pass for GPT-2, one sequence on the CPU.
+
+The same arithmetic as transformers' ``GPT2LMHeadModel`` with SDPA attention, op for op: token
+and learned position embeddings added, LayerNorm, each Conv1D as the ``addmm`` of its bias, its
+input and its (in, out) weight, the attention scale each ``GPT2Attention`` computed (so
+``scale_attn_weights`` and ``scale_attn_by_inverse_layer_idx`` come out as the model's), the
+model's own activation module (``activation_function``), the LM head (tied to the token
+embeddings, or quantized) on the last position only. Around it: a key/value cache preallocated
+for the whole request, as nlgen.engine.lean_llama's, and none of the module calls, cache and
+mask bookkeeping and output objects of ``model(...)``.
+
+:func:`reason` rules out what it does not compute exactly (cross-attention,
+``reorder_and_upcast_attn``, layers that are not transformers' own Conv1D / LayerNorm, such as
+adapters); those keep transformers' ``generate()``. tests/test_engine_equivalence.py holds it to
+transformers.
+
+torch is imported inside the functions that use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nlgen.engine.lean_llama import KVCache, model_reason
+from nlgen.models.lean_weights import GPT2, GPT2Weights, config_reason
+
+ARCHITECTURES = (GPT2,)
+# The module classes whose tensors the forward reads directly (anything else, a LoRA layer
+# wrapped around a Conv1D for one, computes something else).
+OWN_MODULES = {"attn.c_attn": "Conv1D", "attn.c_proj": "Conv1D", "mlp.c_fc": "Conv1D",
+               "mlp.c_proj": "Conv1D", "ln_1": "LayerNorm", "ln_2": "LayerNorm"}
+
+
+def reason(model: Any) -> str | None:
+    """Why :class:`LeanGPT2` does not compute what this model's own forward computes (the
+    architecture, the config key or the layer); None when it does."""
+    why = model_reason(model, ARCHITECTURES) or config_reason(model.config.to_dict())
+    if why is not None:
+        return why
+    body = model.transformer
+    if type(body.wte).__name__ != "Embedding" or type(body.wpe).__name__ != "Embedding":
+        return "embeddings that are not torch's Embedding"
+    for i, block in enumerate(body.h):
+        for name, kind in OWN_MODULES.items():
+            found = type(block.get_submodule(name)).__name__
+            if found != kind:
+                return f"layer transformer.h.{i}.{name} is a {found}, not a {kind}"
+    return None
+
+
+def supports(model: Any) -> bool:
+    return reason(model) is None
+
+
+def _conv(x: Any, layer: Any) -> Any:
+    """transformers' Conv1D: (..., in) -> (..., out), ``addmm(bias, x, weight)``."""
+    import torch
+
+    out = torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight)  # (M, out)
+    return out.view(*x.shape[:-1], -1)
+
+
+class LeanGPT2:
+    """``step(ids, position) -> logits``: the next-token logits (1, V) in float32 after the
+    prompt or token(s) ``ids`` (1, T) placed at ``position``; the cache holds ``max_len``."""
+
+    def __init__(self, weights: GPT2Weights, max_len: int) -> None:
+        config = weights.config
+        if max_len > weights.wpe.shape[0]:
+            raise ValueError(f"{max_len} positions exceed the model's {weights.wpe.shape[0]}")
+        self.w = weights
+        self.width = config.n_embd
+        self.head_dim = config.n_embd // config.n_head
+        self.cache = KVCache(len(weights.layers), config.n_head, max_len, self.head_dim,
+                             weights.wte.dtype)
+
+    def _norm(self, x: Any, norm: Any) -> Any:
+        import torch.nn.functional as F
+
+        return F.layer_norm(x, (self.width,), norm.weight, norm.bias, norm.eps)
+
+    def step(self, ids: Any, position: int) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        w = self.w
+        length = ids.shape[1]
+        mask = self.cache.mask(position, length)
+        positions = torch.arange(position, position + length)[None]  # (1, T)
+        x = F.embedding(ids, w.wte) + F.embedding(positions, w.wpe)  # (1, T, H)
+        for i, block in enumerate(w.layers):
+            attn, mlp = block.attn, block.mlp
+            q, k, v = _conv(self._norm(x, block.ln_1), attn.c_attn).split(self.width, dim=2)
+            q, k, v = (t.view(1, length, -1, self.head_dim).transpose(1, 2)
+                       for t in (q, k, v))  # (1, heads, T, D) each
+            attended = self.cache.attend(i, q, k, v, position, mask, w.scalings[i])
+            x = _conv(attended, attn.c_proj) + x  # (1, T, H)
+            x = x + _conv(mlp.act(_conv(self._norm(x, block.ln_2), mlp.c_fc)), mlp.c_proj)
+        ln_f = F.layer_norm(x[:, -1:], (self.width,), *w.ln_f, w.eps)  # (1, 1, H): last only
+        return w.head(ln_f)[:, -1].float()  # (1, V), as generate() upcasts

@@ -1,0 +1,373 @@
+"""The lean engine is the same model as transformers', per architecture it serves.
+
+For each configuration nlgen's lean forwards serve (GPT-2, and the Llama family as transformers
+configures it), on tiny random models built here:
+
+- greedy decoding gives generate()'s tokens, 64 of them, in float32 and in bfloat16;
+- the logits of every step are within 1e-4 of transformers' full forward over the same tokens in
+  float32; in bfloat16 the bound is exact equality with transformers' forward fed the same
+  pieces (a prompt, then one token at a time, as generate() feeds it): the lean forward runs the
+  same operations in the same order, so it rounds the same way (a different split of the
+  tokens rounds differently in bfloat16, transformers' own forward included, so that is the
+  comparison that holds the arithmetic);
+- a prompt fed in pieces at positions > 0 gives the logits of the prompt in one piece.
+
+What the lean forwards do not compute exactly goes to generate(), with the reason on -v; with
+--engine nlgen it is an error naming the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+
+from nlgen.engine import decode, lean_gpt2, lean_llama
+from nlgen.engine.options import ENGINES, GenerationOptions
+from nlgen.errors import EXIT_FAILURE, EXIT_USAGE, ModelError, UsageError
+from nlgen.models import lean_weights
+from nlgen.models.loading import LoadedModel
+
+V = 400  # the vocabulary of the tiny models (the tiny GPT-2's tokenizer has 400 tokens)
+NEW = 64
+LLAMA = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+             tie_word_embeddings=True, initializer_range=0.3)
+GPT2_SIZES = dict(vocab_size=V, n_positions=128, n_layer=2, n_head=2, n_embd=32,
+                  initializer_range=0.3)
+SERVED = {
+    "gpt2": ("gpt2", {}),
+    "gpt2-scaled-by-layer-gelu": ("gpt2", {"scale_attn_by_inverse_layer_idx": True,
+                                           "activation_function": "gelu", "n_inner": 48}),
+    "llama": ("llama", {}),
+    "llama-untied-head": ("llama", {"tie_word_embeddings": False}),
+    "llama-gqa-1-kv-head": ("llama", {"num_key_value_heads": 1}),
+    "llama-bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "qwen2-bias": ("qwen2", {}),
+    "llama3-rope": ("llama", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    "yarn-rope": ("llama", {"rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+        "original_max_position_embeddings": 32}}),
+    "head-dim-24": ("llama", {"head_dim": 24}),
+}
+
+
+def build(name: str, dtype: str = "float32"):
+    """A tiny random model of the SERVED entry ``name``, in eval mode."""
+    import torch
+    import transformers as tf
+
+    family, overrides = SERVED[name] if isinstance(name, str) else name
+    if family == "gpt2":
+        config = tf.GPT2Config(**{**GPT2_SIZES, **overrides})
+        cls = tf.GPT2LMHeadModel
+    else:
+        sizes = {k: v for k, v in LLAMA.items() if family == "llama" or k != "tie_word_embeddings"}
+        make = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[family]
+        config, cls = make[0](**{**sizes, **overrides}), make[1]
+    torch.manual_seed(0)
+    model = cls(config).eval().to(getattr(torch, dtype))
+    # No EOS: every run makes all its tokens.
+    model.generation_config = tf.GenerationConfig(pad_token_id=0)
+    return model
+
+
+def loaded(model) -> LoadedModel:
+    dtype = str(model.dtype).removeprefix("torch.")
+    return LoadedModel(model, None, "tiny", "", "cpu", dtype)
+
+
+def greedy_config():
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=False, pad_token_id=0)
+
+
+def prompt(length: int = 12, seed: int = 1):
+    import torch
+
+    return torch.randint(0, V, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def transformers_steps(model, ids, pieces):
+    """transformers' logits (1, V) after each piece ``(start, end)`` of ``ids``, fed as
+    generate() feeds them: with a DynamicCache, the last position's logits only, in float32."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = []
+    with torch.inference_mode():
+        for start, end in pieces:
+            logits = model(input_ids=ids[:, start:end], cache=cache, use_cache=True,
+                           logits_to_keep=1).logits
+            out.append(logits[:, -1].float())
+    return out
+
+
+def lean_steps(lm, ids, pieces, max_len=None):
+    import torch
+
+    step = decode.stepper(lm, max_len or ids.shape[1])
+    with torch.inference_mode():
+        return [step(ids[:, start:end], start) for start, end in pieces]
+
+
+def one_at_a_time(ids, first):
+    return [(0, first)] + [(i, i + 1) for i in range(first, ids.shape[1])]
+
+
+# ----------------------------------------------------------------------------- served
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(SERVED))
+def test_greedy_64_tokens_equal_generate(name, dtype):
+    import torch
+
+    model = build(name, dtype)
+    lm = loaded(model)
+    ids = prompt()
+    run = decode.runner(lm, greedy_config(), rows=1, engine="nlgen")
+    with torch.inference_mode():
+        expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  generation_config=greedy_config(), max_new_tokens=NEW)
+        got = run(input_ids=ids, max_new_tokens=NEW)
+    assert expected.shape == (1, ids.shape[1] + NEW)
+    assert got.tolist() == expected.tolist()
+    assert len(set(got[0, ids.shape[1]:].tolist())) > 8  # a real text, not one token repeated
+    family = lean_weights.GPT2Weights if SERVED[name][0] == "gpt2" else lean_weights.Weights
+    assert isinstance(decode._made.get(model), family)  # the lean forward ran
+
+
+@pytest.mark.parametrize("name", list(SERVED))
+def test_step_logits_within_1e_4_of_the_full_forward_float32(name):
+    import torch
+
+    model = build(name)
+    ids = prompt(12 + NEW, seed=2)
+    with torch.inference_mode():
+        full = model(ids).logits.float()  # (1, T, V): every position at once
+    steps = lean_steps(loaded(model), ids, one_at_a_time(ids, 12))
+    for i, got in enumerate(steps):
+        torch.testing.assert_close(got, full[:, 11 + i], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(SERVED))
+def test_step_logits_equal_transformers_fed_the_same_pieces(name, dtype):
+    import torch
+
+    model = build(name, dtype)
+    ids = prompt(40, seed=3)
+    pieces = one_at_a_time(ids, 12)
+    for got, expected in zip(lean_steps(loaded(model), ids, pieces),
+                             transformers_steps(model, ids, pieces), strict=True):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", list(SERVED))
+def test_a_prompt_in_pieces_gives_the_logits_of_one_piece(name):
+    """Pieces at positions > 0 attend causally to their own positions (SDPA's is_causal alone
+    would align them to the first key)."""
+    import torch
+
+    model = build(name)
+    ids = prompt(30, seed=4)
+    pieces = [(0, 7), (7, 19), (19, 30)]
+    with torch.inference_mode():
+        full = model(ids).logits.float()
+    [whole] = lean_steps(loaded(model), ids, [(0, 30)])
+    split = lean_steps(loaded(model), ids, pieces)
+    torch.testing.assert_close(split[-1], whole, rtol=0, atol=1e-4)
+    for (_, end), got in zip(pieces, split, strict=True):
+        torch.testing.assert_close(got, full[:, end - 1], rtol=0, atol=1e-4)
+    bf16 = build(name, "bfloat16")
+    for got, expected in zip(lean_steps(loaded(bf16), ids, pieces),
+                             transformers_steps(bf16, ids, pieces), strict=True):
+        assert torch.equal(got, expected)
+
+
+# ----------------------------------------------------------------------------- refused
+
+
+REFUSED = {
+    "gpt2-upcast": (("gpt2", {"reorder_and_upcast_attn": True}),
+                    "config reorder_and_upcast_attn"),
+    "gpt2-cross-attention": (("gpt2", {"add_cross_attention": True}),
+                             "config add_cross_attention"),
+    "llama-dynamic-rope": (("llama", {"rope_parameters": {
+        "rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}}),
+        "config rope_type 'dynamic'"),
+    "llama-eager": (("llama", {"attn_implementation": "eager"}),
+                    "attention implementation eager"),
+    "qwen2-sliding-window": (("qwen2", {"use_sliding_window": True, "sliding_window": 16,
+                                        "max_window_layers": 0}),
+                             "config use_sliding_window True"),
+    "mistral": (("mistral", {}), "architecture MistralForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_what_it_does_not_compute_goes_to_generate_with_the_reason(name, caplog):
+    spec, why = REFUSED[name]
+    lm = loaded(build(spec))
+    with caplog.at_level(logging.INFO, logger="nlgen"):
+        assert decode.runner(lm, greedy_config(), rows=1) is None
+    assert f"engine: transformers' generate(), as nlgen's loop cannot run this: {why}" \
+        in caplog.messages
+    with pytest.raises(ModelError, match=f"--engine nlgen cannot run this: {why}"):
+        decode.runner(lm, greedy_config(), rows=1, engine="nlgen")
+    assert lm.model not in decode._made
+
+
+def test_a_layer_that_is_not_transformers_own_is_refused():
+    import torch
+
+    model = build("gpt2")
+
+    class Adapter(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model.transformer.h[1].attn.c_attn = Adapter(model.transformer.h[1].attn.c_attn)
+    assert lean_gpt2.reason(model) == "layer transformer.h.1.attn.c_attn is a Adapter, " \
+        "not a Conv1D"
+    assert lean_gpt2.reason(build("gpt2").to(torch.float16)) == "dtype float16"
+    assert lean_llama.reason(build("gpt2")) == "architecture GPT2LMHeadModel"
+
+
+def test_engine_choices(caplog):
+    lm = loaded(build("gpt2"))
+    beams = greedy_config()
+    beams.num_beams = 2
+    with caplog.at_level(logging.INFO, logger="nlgen"):
+        assert decode.runner(lm, greedy_config(), rows=1, engine="transformers") is None
+        assert decode.runner(lm, greedy_config(), rows=1) is not None
+        assert decode.runner(lm, beams, rows=1) is None
+        assert decode.runner(lm, greedy_config(), rows=3) is None
+    assert caplog.messages == [
+        "engine: transformers' generate() (--engine transformers)",
+        "engine: nlgen's loop with the lean GPT-2 forward",
+        "engine: transformers' generate(), as nlgen's loop cannot run this: generation "
+        "setting num_beams=2",
+        "engine: transformers' generate(), as nlgen's loop cannot run this: a batch of 3 "
+        "prompts (the loop decodes one at a time)"]
+    for config, rows, logprobs, why in ((greedy_config(), 2, False, "a batch of 2"),
+                                        (greedy_config(), 1, True, "--logprobs"),
+                                        (beams, 1, False, "num_beams=2")):
+        with pytest.raises(UsageError, match=f"--engine nlgen cannot run this: .*{why}"):
+            decode.runner(lm, config, rows=rows, logprobs=logprobs, engine="nlgen")
+    with pytest.raises(UsageError, match="invalid --engine 'fast'"):
+        GenerationOptions(engine="fast")
+
+
+def test_cli_enum_is_the_cores_choices():
+    from nlgen.cli.options import Engine
+
+    assert tuple(e.value for e in Engine) == ENGINES
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def test_config_defaults_are_transformers_own():
+    from transformers import LlamaConfig, Qwen2Config
+
+    for model_type, cls in (("llama", LlamaConfig), ("qwen2", Qwen2Config)):
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        assert lean_weights.DEFAULTS[model_type] == {
+            k: fields[k] for k in lean_weights.DEFAULTS[model_type]}
+
+
+QWEN2_DEFAULT_KV = ("qwen2", {"num_attention_heads": 32, "num_key_value_heads": 32,
+                              "hidden_size": 128})  # Qwen2's default: 32 KV heads
+
+
+@pytest.mark.parametrize("name,drop", [
+    ("qwen2-bias", ("rms_norm_eps", "tie_word_embeddings", "max_position_embeddings")),
+    (QWEN2_DEFAULT_KV, ("num_key_value_heads",)),
+    ("llama-untied-head", ("head_dim", "rope_parameters", "rms_norm_eps", "attention_bias",
+                           "mlp_bias", "hidden_act")),
+    ("head-dim-24", ()),
+    ("llama-gqa-1-kv-head", ("tie_word_embeddings",)),
+], ids=["qwen2", "qwen2-default-kv-heads", "llama-untied", "head-dim-24", "llama-tie-default"])
+def test_a_saved_directory_read_without_transformers_model_is_the_same_model(
+        name, drop, tiny_model, tmp_path):
+    """The files read (nlgen.models.lean_weights.from_files) takes transformers' defaults for
+    the keys a config.json leaves out, and gives from_pretrained's logits."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nlgen.models.loading import load_model
+
+    model = build(name)
+    if "tie_word_embeddings" in drop:  # the default (False) must then hold: an own head
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 2)
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in drop:
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    lm = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert lm._model is None and isinstance(lm.lean, lean_weights.Weights)  # read from files
+    ids = prompt(20, seed=5)
+    pieces = one_at_a_time(ids, 8)
+    for got, expected in zip(lean_steps(lm, ids, pieces), transformers_steps(
+            reference, ids, pieces), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_scaled_rope_is_read_through_transformers_then_runs_lean(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from nlgen.models.loading import load_model
+
+    build("llama3-rope").save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert lm.lean is None and decode.lean_reason(lm) is None
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_cli_engines_give_the_same_text_and_say_which_ran(cli, tiny_model):
+    base = ["generate", "--model", str(tiny_model), "--greedy", "-n", "12", "-v"]
+    lean = cli(*base, "--engine", "nlgen", "The fox", "A cat")
+    plain = cli(*base, "--engine", "transformers", "The fox", "A cat")
+    auto = cli(*base, "-b", "2", "The fox", "A cat")
+    assert lean.exit_code == plain.exit_code == auto.exit_code == 0, lean.stderr + plain.stderr
+    assert lean.stdout == plain.stdout == auto.stdout
+    assert "engine: nlgen's loop with the lean GPT-2 forward" in lean.stderr
+    assert "engine: transformers' generate() (--engine transformers)" in plain.stderr
+    assert "as nlgen's loop cannot run this: a batch of 2 prompts" in auto.stderr
+
+
+def test_cli_engine_nlgen_says_why_it_cannot(cli, tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    beams = cli("generate", "--model", str(tiny_model), "--engine", "nlgen", "--num-beams", "2",
+                "-n", "4", "The fox")
+    assert beams.exit_code == EXIT_USAGE
+    assert "--engine nlgen cannot run this: generation setting num_beams=2" in beams.stderr
+    assert "Traceback" not in beams.stderr
+    build(REFUSED["gpt2-upcast"][0]).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path)
+    upcast = cli("generate", "--model", str(tmp_path), "--engine", "nlgen", "-n", "4", "x")
+    assert upcast.exit_code == EXIT_FAILURE
+    assert "--engine nlgen cannot run this: config reorder_and_upcast_attn" in upcast.stderr
