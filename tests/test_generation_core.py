@@ -267,3 +267,27 @@ def test_invalid_options_are_usage_errors(kwargs, message):
 def test_chat_without_template_is_an_input_error(tiny_lm):
     with pytest.raises(InputError, match="no chat template"):
         list(generate(tiny_lm, ["hi"], GenerationOptions(chat=True, max_new_tokens=2)))
+
+
+def test_a_seeded_run_leaves_the_callers_random_state_and_imports_no_peft(tiny_lm, tiny_model):
+    """--seed seeds beam sampling for the call only: the caller's torch generator is as it
+    was, and transformers.set_seed (which imports peft) is not used."""
+    import subprocess
+    import sys
+
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    opts = GenerationOptions(max_new_tokens=3, seed=7, num_beams=2, extra=(("do_sample", True),))
+    list(generate(tiny_lm, ["Once upon"], opts))
+    assert torch.equal(torch.rand(3), expected)
+    code = ("import sys; from nlgen.models.loading import load_model; "
+            "from nlgen.engine.generation import generate; "
+            "from nlgen.engine.options import GenerationOptions as O; "
+            f"lm = load_model({str(tiny_model)!r}, device='cpu', dtype='float32'); "
+            "list(generate(lm, ['Once'], O(max_new_tokens=2, seed=3))); "
+            "print('peft' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

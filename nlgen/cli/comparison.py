@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nlgen.cli import runtime
 from nlgen.cli.options import ScoringJob
 from nlgen.errors import UsageError
 from nlgen.jsonl import json_float
@@ -64,6 +65,7 @@ def load(job: ScoringJob, device: str) -> Models:
     base = adapter_of(model, reference)
     lm = loading.load_model(model, device=device, dtype=dtype,
                             trust_remote_code=trust_remote_code, purpose="score")
+    runtime.use_spare_threads(lm)
     if reference is None:
         return Models(lm)
     if base is not None:

@@ -8,6 +8,7 @@ every earlier prompt is done.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -155,15 +156,34 @@ def generate_indexed(
     The index names each result, and with ``--seed`` it picks the prompt's random stream, so a
     prompt gets the same text whichever process or batch it lands in.
     """
+    stats = stats if stats is not None else GenerationStats()
+    with _seeded(lm, opts.seed):
+        yield from _generate_seeded(lm, source, opts, stats, on_text)
+
+
+@contextlib.contextmanager
+def _seeded(lm: LoadedModel, seed: int | None) -> Iterator[None]:
+    """Beam sampling draws from torch's global generator (every other draw has its own
+    per-prompt stream, see sampling): seeded for this call only, forked and put back after,
+    so a library caller's own random state is left as it was. Not transformers.set_seed, which
+    seeds Python's and NumPy's generators too and imports peft (~0.35-1.8 s)."""
+    if seed is None:
+        yield
+        return
     import torch
 
-    stats = stats if stats is not None else GenerationStats()
-    config = build_generation_config(lm, opts)
-    if opts.seed is not None:
-        # Imported here: transformers.trainer_utils imports peft (~0.35 s before the first token).
-        from transformers import set_seed
+    devices = [lm.device] if str(lm.device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
-        set_seed(opts.seed)  # beam sampling still draws from torch's global generator
+
+def _generate_seeded(lm: LoadedModel, source: Iterable[tuple[int, Prompt]],
+                     opts: GenerationOptions, stats: GenerationStats,
+                     on_text: Callable[[str], None] | None) -> Iterator[Generation]:
+    import torch
+
+    config = build_generation_config(lm, opts)
     lm.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     # --engine nlgen runs nlgen's one-prompt loop: prompts go one at a time.
     batch_size = 1 if on_text or opts.engine == "nlgen" else opts.batch_size
