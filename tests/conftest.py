@@ -124,3 +124,24 @@ def run_nlgen(*args: str, input: str | bytes | None = None, env: dict | None = N
     data = input.encode() if isinstance(input, str) else input
     return subprocess.run([sys.executable, "-m", "nlgen", *args], input=data,
                           capture_output=True, env=full_env, timeout=timeout, cwd=ROOT)
+
+
+def kill_after(args: list[str], out: Path, lines: int, timeout: float = 120) -> bytes:
+    """Run ``python -m nlgen ARGS OUT`` (one thread), SIGKILL it once OUT holds ``lines``
+    lines, and return what OUT held then: a job killed part way."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nlgen", *args, str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= lines:
+                break
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    return out.read_bytes() if out.exists() else b""

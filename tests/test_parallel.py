@@ -11,14 +11,12 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, ROOT
+from conftest import CORPUS, ROOT, kill_after
 
 from nlgen.errors import EXIT_FAILURE, EXIT_USAGE
 
@@ -154,19 +152,7 @@ def test_a_killed_job_resumes_to_the_clean_result(cli, tiny_model, tmp_path):
     clean = tmp_path / "clean.jsonl"
     assert cli(*args, str(clean)).exit_code == 0
     out = tmp_path / "out.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nlgen", *args, str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if out.exists() and out.read_bytes().count(b"\n") >= 4:
-                break
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    killed = out.read_bytes()
+    killed = kill_after(args, out, 4)
     assert 4 <= killed.count(b"\n") < 40, "the job was not killed halfway"
     with out.open("ab") as f:  # as if the kill had cut a record in half
         f.write(b'{"index": 39, "seq')

@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import CORPUS, ROOT, build_tiny_gpt2, run_nlgen
+from conftest import CORPUS, build_tiny_gpt2, kill_after, run_nlgen
 from test_parallel import launch, rows
 
 from nlgen.errors import EXIT_FAILURE, EXIT_USAGE
@@ -135,19 +131,7 @@ def test_a_killed_score_job_resumes_to_the_clean_result(cli, tiny_model, tmp_pat
     clean = tmp_path / "clean.jsonl"
     alone(*args, str(clean))
     out = tmp_path / "out.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nlgen", *args, str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if out.exists() and out.read_bytes().count(b"\n") >= 10:
-                break
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert 10 <= out.read_bytes().count(b"\n") < 300, "the job was not killed halfway"
+    assert 10 <= kill_after(args, out, 10).count(b"\n") < 300, "the job was not killed halfway"
     alone(*args, str(out), "--resume")
     assert out.read_bytes() == clean.read_bytes()  # every record once, in input order
 

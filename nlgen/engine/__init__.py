@@ -1,1 +1,11 @@
-"""engine"""
+"""The generation engine: prompts + options -> completions.
+
+Owns what a user asks (``options``, ``extra_options`` for ``-o``), the choice between nlgen's
+own loop and transformers' ``generate()`` (``decode.runner``, ``--engine``), the lean forwards
+(``lean_llama``: the Llama family; ``lean_gpt2``), the decode loop (``decode``), batched
+generation (``generation``: the one entry point every command uses), sampling with per-prompt
+seeded streams (``sampling``), stop strings and streamed text (``streaming``) and token
+log-probs (``token_logprobs``).
+
+May import: models, score (the log-prob records), and errors, inputs, batching, jsonl.
+"""

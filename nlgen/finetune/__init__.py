@@ -5,7 +5,10 @@ Rooms: ``options`` (what is asked), ``data`` (texts -> packed blocks), ``chat`` 
 formats, checks, loss masks from the chat template), ``examples`` (records -> one padded
 sequence per example), ``callback`` (events, samples, Ctrl-C), ``artifacts`` (output
 directory, checkpoints, run record), ``curve`` (loss.csv, loss.png), ``run`` (the order of it
-all), ``events`` (what the caller is told). Importing this package loads no torch.
+all), ``events`` (what the caller is told), ``divergence`` (KL against the base, through
+score's comparison). Importing this package loads no torch.
+
+May import: jobs (ranks), score, models, and errors, inputs, batching, jsonl. Not cli.
 """
 
 from nlgen.finetune.events import (
