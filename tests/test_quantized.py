@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from nlgen.engine.generation import GenerationOptions, generate
@@ -165,3 +167,32 @@ def test_load_model_quantize_int8_generates(tiny_llama):
     assert result.completion_tokens == 5
     plain = load_model(str(tiny_llama), device="cpu", dtype="float32")  # auto: not a GGUF copy
     assert plain.quantization == "none"
+
+
+def test_the_int4_cache_survives_a_full_disk_and_a_killed_writer(tmp_path, monkeypatch, caplog):
+    """A full disk while caching is a notice (the weights are in memory), never a crash, and
+    leaves no temporary; a temporary whose writer was killed is removed by the next write."""
+    import subprocess
+    import sys
+
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    path = tmp_path / quantized.CACHE_FILE
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f"{path.name}.tmp-{dead}-abc"
+    stale.write_bytes(b"half a file")
+    mine = tmp_path / f"{path.name}.tmp-{os.getpid()}-live"
+    mine.write_bytes(b"being written")
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with caplog.at_level("WARNING", logger="nlgen"):
+        quantized.save_cached(path, {"w": torch.zeros(2)}, exact=True)
+    assert "could not cache the quantized weights" in caplog.text
+    assert not stale.exists() and mine.exists()  # the dead writer's, not a live one's
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name]

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from nlgen.errors import UsageError
+from nlgen.errors import UsageError, write_failure
 
 log = logging.getLogger("nlgen")
 
@@ -354,11 +354,24 @@ def _torch_version() -> str:
 
 
 def save_cached(path: Path, state: dict[str, Any], exact: bool) -> None:
-    """Write atomically (temporary sibling, then rename); a failure only costs the next run."""
+    """Write atomically (temporary sibling, then rename); a failure only costs the next run.
+
+    The temporary file carries this process's id: one that a killed process left behind (its
+    process gone) is removed here, so a kill mid-write leaks nothing for good. A full disk
+    (safetensors raises its own error) is a notice, not a failure: the weights are in memory.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    from nlgen.models.devices import process_alive
+
+    prefix = path.name + ".tmp-"
+    for stale in path.parent.glob(prefix + "*"):
+        pid = stale.name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", dir=path.parent)
         os.close(fd)
         try:
             save_file(state, tmp, metadata={"format": FORMAT, "exact": "1" if exact else "0",
@@ -366,5 +379,7 @@ def save_cached(path: Path, state: dict[str, Any], exact: bool) -> None:
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
-    except OSError as exc:
-        log.debug("could not cache the quantized weights at %s: %s", path, exc)
+    except (OSError, SafetensorError) as exc:
+        why = write_failure(exc, path.parent) or str(exc)
+        log.warning("could not cache the quantized weights in %s (%s); the next run "
+                    "quantizes again", path.parent, why)
