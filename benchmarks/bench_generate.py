@@ -232,6 +232,7 @@ def main() -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
+    from nlgen.engine import lean_weights
     from nlgen.engine.generation import GenerationOptions, generate
     from nlgen.models import loading
 
@@ -247,7 +248,8 @@ def main() -> None:
               flush=True)
 
     gguf = loading.builtin_gguf_path()
-    auto_lm = loading.load_model("builtin", device="cpu", dtype="auto")  # converts once if needed
+    auto_lm = loading.load_model("builtin", device="cpu", dtype="auto",  # converts once if needed
+                                 lean_reader=lean_weights.read)
     source = auto_lm.source  # the safetensors copy nlgen loads: the plain scripts load it too
     # What dtype auto runs: bfloat16, with the GGUF's own int4 weights (--quantize auto).
     auto_label = auto_lm.dtype + ("" if auto_lm.quantization == "none"

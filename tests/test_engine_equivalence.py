@@ -23,10 +23,9 @@ import logging
 
 import pytest
 
-from nlgen.engine import decode, lean_gpt2, lean_llama
+from nlgen.engine import decode, lean_gpt2, lean_llama, lean_weights
 from nlgen.engine.options import ENGINES, GenerationOptions
 from nlgen.errors import EXIT_FAILURE, EXIT_USAGE, ModelError, UsageError
-from nlgen.models import lean_weights
 from nlgen.models.loading import LoadedModel
 
 V = 400  # the vocabulary of the tiny models (the tiny GPT-2's tokenizer has 400 tokens)
@@ -303,7 +302,7 @@ QWEN2_DEFAULT_KV = ("qwen2", {"num_attention_heads": 32, "num_key_value_heads": 
 ], ids=["qwen2", "qwen2-default-kv-heads", "llama-untied", "head-dim-24", "llama-tie-default"])
 def test_a_saved_directory_read_without_transformers_model_is_the_same_model(
         name, drop, tiny_model, tmp_path):
-    """The files read (nlgen.models.lean_weights.from_files) takes transformers' defaults for
+    """The files read (nlgen.engine.lean_weights.from_files) takes transformers' defaults for
     the keys a config.json leaves out, and gives from_pretrained's logits."""
     import json
 
@@ -323,7 +322,8 @@ def test_a_saved_directory_read_without_transformers_model_is_the_same_model(
         config.pop(key, None)
     (tmp_path / "config.json").write_text(json.dumps(config))
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    lm = load_model(str(tmp_path), device="cpu", dtype="float32")
+    lm = load_model(str(tmp_path), device="cpu", dtype="float32",
+                    lean_reader=lean_weights.read)
     assert lm._model is None and isinstance(lm.lean, lean_weights.Weights)  # read from files
     ids = prompt(20, seed=5)
     pieces = one_at_a_time(ids, 8)
@@ -339,7 +339,8 @@ def test_scaled_rope_is_read_through_transformers_then_runs_lean(tiny_model, tmp
 
     build("llama3-rope").save_pretrained(tmp_path)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path)
-    lm = load_model(str(tmp_path), device="cpu", dtype="float32")
+    lm = load_model(str(tmp_path), device="cpu", dtype="float32",
+                    lean_reader=lean_weights.read)
     assert lm.lean is None and decode.lean_reason(lm) is None
 
 

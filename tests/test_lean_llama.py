@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from nlgen.engine import decode, lean_llama
+from nlgen.engine import decode, lean_llama, lean_weights
 from nlgen.engine.options import GenerationOptions
 from nlgen.engine.sampling import build_generation_config
-from nlgen.models import lean_weights, quantized
+from nlgen.models import quantized
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "A"]
 
@@ -35,7 +35,8 @@ def _greedy(lm, prompt, n, *, lean):
 def llama_lm(tiny_llama):
     from nlgen.models.loading import load_model
 
-    return load_model(str(tiny_llama), device="cpu", dtype="float32")
+    return load_model(str(tiny_llama), device="cpu", dtype="float32",
+                      lean_reader=lean_weights.read)
 
 
 def test_reason_names_the_architecture_or_the_config_key(llama_lm, tiny_lm):
@@ -95,7 +96,7 @@ def test_int4_fused_products_equal_the_separate_ones_and_greedy_tokens_match(tin
 def test_builtin_default_load_runs_int4_and_the_lean_forward_gives_its_greedy_text():
     from nlgen.models.loading import load_model
 
-    lm = load_model("builtin", device="cpu")
+    lm = load_model("builtin", device="cpu", lean_reader=lean_weights.read)
     if lm.dtype != "bfloat16":
         pytest.skip("this CPU has no fast bfloat16: auto keeps float32, no int4")
     files = lm.lean  # read from the files and the int4 cache (None when the cache was made now)
@@ -115,7 +116,8 @@ def test_a_saved_llama_loads_lean_and_builds_transformers_model_only_when_asked(
     from nlgen.engine.generation import generate
     from nlgen.models.loading import load_model
 
-    lm = load_model(str(tiny_llama), device="cpu", dtype="float32")
+    lm = load_model(str(tiny_llama), device="cpu", dtype="float32",
+                      lean_reader=lean_weights.read)
     assert lm.lean is not None and lm._model is None
     opts = GenerationOptions(greedy=True, max_new_tokens=12)
     [one] = generate(lm, ["Once upon a time"], opts)
@@ -133,7 +135,8 @@ def test_lean_files_forward_equals_transformers_forward(tiny_llama):
 
     from nlgen.models.loading import load_model
 
-    lm = load_model(str(tiny_llama), device="cpu", dtype="float32")
+    lm = load_model(str(tiny_llama), device="cpu", dtype="float32",
+                      lean_reader=lean_weights.read)
     files = lm.lean  # read from the files; dropped when the model is built below
     ids = torch.tensor([[5, 9, 2, 7, 11]])
     with torch.inference_mode():

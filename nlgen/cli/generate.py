@@ -33,7 +33,7 @@ from nlgen.cli.options import (
     VerboseOpt,
 )
 from nlgen.cli.runtime import guard
-from nlgen.engine import extra_options, generation
+from nlgen.engine import extra_options, generation, lean_weights
 from nlgen.errors import EXIT_FAILURE, InputError, UsageError
 from nlgen.jobs import batchjob, distributed, jobfile, parallel
 from nlgen.models import devices, loading
@@ -204,7 +204,8 @@ def generate(
         def load() -> loading.LoadedModel:
             view.lm = loading.load_model(model, device=rank_device, dtype=dtype.value,
                                          trust_remote_code=trust_remote_code,
-                                         quantize=quantize.value)
+                                         quantize=quantize.value,
+                                         lean_reader=lean_weights.read)
             runtime.use_spare_threads(view.lm)
             if stream and view.show_prompt:
                 console.write(job.first)

@@ -2,7 +2,9 @@
 
 Owns what a user asks (``options``, ``extra_options`` for ``-o``), the choice between nlgen's
 own loop and transformers' ``generate()`` (``decode.runner``, ``--engine``), the lean forwards
-(``lean_llama``: the Llama family; ``lean_gpt2``), the decode loop (``decode``), batched
+(``lean_llama``: the Llama family; ``lean_gpt2``) and their weights (``lean_weights``: from a
+loaded model, or read straight from a saved directory and the int4 cache, handed to
+models.loading as its ``lean_reader``), the decode loop (``decode``), batched
 generation (``generation``: the one entry point every command uses), sampling with per-prompt
 seeded streams (``sampling``), stop strings and streamed text (``streaming``) and token
 log-probs (``token_logprobs``).

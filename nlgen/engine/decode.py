@@ -123,7 +123,7 @@ def lean_reason(lm: Any) -> str | None:
 
 
 def _family(lm: Any) -> str:
-    from nlgen.models import lean_weights
+    from nlgen.engine import lean_weights
 
     if lm.lean is not None:  # read from files: the Llama family only
         return "Llama-family"
@@ -198,8 +198,7 @@ def stepper(lm: Any, max_len: int) -> Callable[[Any, int], Any]:
     """
     import torch
 
-    from nlgen.engine import lean_gpt2, lean_llama
-    from nlgen.models import lean_weights
+    from nlgen.engine import lean_gpt2, lean_llama, lean_weights
 
     if lean_reason(lm) is None:
         weights = lm.lean if lm.lean is not None else _from_model(lm.model)
@@ -230,7 +229,7 @@ _made: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _from_model(model: Any) -> Any:
-    from nlgen.models import lean_weights
+    from nlgen.engine import lean_weights
 
     if model not in _made:
         _made[model] = lean_weights.from_model(model)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from nlgen.engine.lean_llama import KVCache, model_reason
-from nlgen.models.lean_weights import GPT2, GPT2Weights, config_reason
+from nlgen.engine.lean_weights import GPT2, GPT2Weights, config_reason
 
 ARCHITECTURES = (GPT2,)
 # The module classes whose tensors the forward reads directly (anything else, a LoRA layer

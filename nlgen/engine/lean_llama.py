@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from nlgen.engine.lean_weights import LLAMA_FAMILY, Weights, config_reason
 from nlgen.models import quantized
-from nlgen.models.lean_weights import LLAMA_FAMILY, Weights, config_reason
 
 ARCHITECTURES = tuple(LLAMA_FAMILY.values())
 

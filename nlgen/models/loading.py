@@ -54,6 +54,10 @@ class ModelSpec:
     explicit: bool  # the user chose it (--model / NLGEN_MODEL): no silent fallback
 
 
+# (directory, dtype, quantize, int4 cache dir) -> (weights, their quantization) or (None, "none")
+LeanReader = Callable[[Path, str, str, Path | None], tuple[Any, str]]
+
+
 @dataclass
 class LoadedModel:
     """A model ready to run, with what the user should see about it.
@@ -279,8 +283,13 @@ def load_model(
     trust_remote_code: bool = False,
     purpose: str = "generate",
     quantize: str = "auto",
+    lean_reader: LeanReader | None = None,
 ) -> LoadedModel:
     """Load the model named by ``--model`` (``None``: the default, ``gpt2``, else builtin).
+
+    ``lean_reader`` (generation on the CPU): the engine's reader of the weights its own
+    forward runs (nlgen.engine.lean_weights.read); where it reads a saved directory, the
+    transformers model is built only when something asks for it (``LoadedModel.loader``).
 
     ``quantize`` (generation only): "auto" runs a GGUF model's 4-bit weights as they are when
     it computes in bfloat16 on the CPU (see nlgen.quantize); "int4" / "int8" quantize any model.
@@ -291,7 +300,8 @@ def load_model(
     spec = model if isinstance(model, ModelSpec) else choose_model(model)
     if spec.kind == "hub":
         try:
-            return _load_hub(spec, device, dtype, trust_remote_code, purpose, quantize)
+            return _load_hub(spec, device, dtype, trust_remote_code, purpose, quantize,
+                             lean_reader)
         except ModelError as exc:
             if spec.explicit:
                 raise
@@ -303,19 +313,21 @@ def load_model(
         display = f"builtin ({BUILTIN_NAME})" if spec.kind == "builtin" else spec.name
         return _load_pretrained(str(directory), display, device, dtype, trust_remote_code,
                                 purpose, local_only=True, model_id=spec.name,
-                                quantize=quantize, cache=directory)
+                                quantize=quantize, cache=directory, lean_reader=lean_reader)
     return _load_pretrained(spec.path, spec.name, device, dtype, trust_remote_code, purpose,
-                            local_only=True, model_id=spec.name, quantize=quantize)
+                            local_only=True, model_id=spec.name, quantize=quantize,
+                            lean_reader=lean_reader)
 
 
 def _load_hub(spec: ModelSpec, device: str, dtype: str, trust: bool, purpose: str,
-              quantize: str) -> LoadedModel:
+              quantize: str, lean_reader: LeanReader | None) -> LoadedModel:
     from huggingface_hub import constants
 
     online = hub_reachable()
     try:
         return _load_pretrained(spec.path, spec.name, device, dtype, trust, purpose,
-                                local_only=not online, model_id=spec.name, quantize=quantize)
+                                local_only=not online, model_id=spec.name, quantize=quantize,
+                                lean_reader=lean_reader)
     except ModelError as exc:
         if not online:
             why = (f"{offline_variable()} is set" if constants.HF_HUB_OFFLINE
@@ -353,6 +365,7 @@ def adapter_base_source(directory: Path) -> str | None:
 def _load_pretrained(
     source: str, display: str, device: str, dtype: str, trust: bool, purpose: str,
     *, local_only: bool, model_id: str, quantize: str = "none", cache: Path | None = None,
+    lean_reader: LeanReader | None = None,
 ) -> LoadedModel:
     window = cpu_snapshot()  # from here to the loaded weights: what do other processes use?
     import torch
@@ -375,8 +388,9 @@ def _load_pretrained(
     try:
         tokenizer = readers.tokenizer(source, kwargs)
         lean, quantization = None, "none"
-        if purpose == "generate" and device == "cpu" and Path(source).is_dir():
-            lean, quantization = readers.lean_weights(Path(source), dtype, quantize, cache)
+        if lean_reader is not None and purpose == "generate" and device == "cpu" \
+                and Path(source).is_dir():
+            lean, quantization = lean_reader(Path(source), dtype, quantize, cache)
         model, quantization = (None, quantization) if lean is not None else full()
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise readers.load_error(display, exc) from exc

@@ -1,6 +1,6 @@
 """How a saved model's files become objects: transformers' ``from_pretrained`` (with nlgen's
-quantization), or the direct read of a Llama's tensors for one-prompt generation
-(nlgen.models.lean_weights).
+quantization). The engine reads the weights its lean forwards run itself
+(nlgen.engine.lean_weights.read, handed to models.loading.load_model as ``lean_reader``).
 
 nlgen.models.loading decides which; this module does it. torch and transformers are imported inside
 the functions.
@@ -61,26 +61,6 @@ def tokenizer(source: str, kwargs: dict[str, Any]) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source, **kwargs)
-
-
-def lean_weights(directory: Path, dtype: str, quantize: str,
-                  cache: Path | None) -> tuple[Any, str]:
-    """The lean forward's weights for a saved Llama, int4 from the cache where ``quantize``
-    asks for it and the cache is there; (None, "none") when the usual load must do it (another
-    architecture, int8, or the int4 cache not made yet: the usual load makes it)."""
-    from nlgen.models.lean_weights import from_files
-
-    int4, kind = None, "none"
-    if quantize == "int8":
-        return None, "none"
-    if quantize in ("auto", "int4"):
-        found = quantized.load_cached(cache / quantized.CACHE_FILE) if cache else None
-        if found is None:
-            return None, "none"
-        if found[1] or quantize == "int4":  # exact 4-bit blocks, or asked for
-            int4, kind = found[0], "int4"
-    weights = from_files(directory, dtype, int4)
-    return (weights, kind) if weights is not None else (None, "none")
 
 
 def full_model(source: str, device: str, dtype: str, quantize: str, cache: Path | None,

@@ -299,3 +299,23 @@ def fuse(layers: list[Any]) -> Any:
                                                      scale)
             return out.reshape(*x.shape[:-1], -1)
     return product
+
+
+def read(directory: Path, dtype: str, quantize: str, cache: Path | None) -> tuple[Any, str]:
+    """The lean forward's weights for a saved Llama, int4 from the cache where ``quantize``
+    asks for it and the cache is there; (None, "none") when the usual load must do it (another
+    architecture, int8, or the int4 cache not made yet: the usual load makes it).
+
+    The ``lean_reader`` that generation hands to models.loading.load_model: reading weights in
+    the form the engine runs them is the engine's job; loading offers the hook."""
+    int4, kind = None, "none"
+    if quantize == "int8":
+        return None, "none"
+    if quantize in ("auto", "int4"):
+        found = quantized.load_cached(cache / quantized.CACHE_FILE) if cache else None
+        if found is None:
+            return None, "none"
+        if found[1] or quantize == "int4":  # exact 4-bit blocks, or asked for
+            int4, kind = found[0], "int4"
+    weights = from_files(directory, dtype, int4)
+    return (weights, kind) if weights is not None else (None, "none")
