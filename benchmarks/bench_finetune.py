@@ -166,7 +166,7 @@ def main() -> None:
     a = p.parse_args()
 
     from nlgen.models.gguf import converted_dir
-    from nlgen.models.loading import resolve_spec
+    from nlgen.models.spec import resolve_spec
 
     spec = resolve_spec(a.model)
     model_dir = str(converted_dir(Path(spec.path)) if spec.kind in ("builtin", "gguf")

@@ -234,7 +234,7 @@ def main() -> None:
 
     from nlgen.engine import lean_weights
     from nlgen.engine.generation import GenerationOptions, generate
-    from nlgen.models import loading
+    from nlgen.models import loading, spec
 
     threads = args.threads or torch.get_num_threads()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -247,7 +247,7 @@ def main() -> None:
         print(f"{row.measure}: {row.nlgen} | {row.baseline} | {row.ratio}", file=sys.stderr,
               flush=True)
 
-    gguf = loading.builtin_gguf_path()
+    gguf = spec.builtin_gguf_path()
     auto_lm = loading.load_model("builtin", device="cpu", dtype="auto",  # converts once if needed
                                  lean_reader=lean_weights.read)
     source = auto_lm.source  # the safetensors copy nlgen loads: the plain scripts load it too

@@ -333,10 +333,10 @@ def test_builtin_once_upon_a_time_subprocess():
 
 @pytest.mark.slow
 def test_builtin_second_load_is_a_cache_hit(monkeypatch):
-    from nlgen.models import gguf, loading
+    from nlgen.models import gguf, loading, spec
 
     first = loading.load_model("builtin", device="cpu")
-    converted = gguf.cache_path(loading.builtin_gguf_path())
+    converted = gguf.cache_path(spec.builtin_gguf_path())
     assert (converted / "model.safetensors").is_file()
 
     import transformers

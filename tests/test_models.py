@@ -10,7 +10,7 @@ import pytest
 from conftest import run_nlgen
 
 from nlgen.errors import ModelError, UsageError
-from nlgen.models import devices, gguf, loading
+from nlgen.models import devices, gguf, loading, spec
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -29,16 +29,16 @@ def hub_cache(tmp_path, tiny_model) -> Path:
 
 
 def test_resolve_spec_kinds(tiny_model, tmp_path):
-    assert loading.resolve_spec(None) == loading.ModelSpec("hub", "gpt2", "gpt2", False)
-    assert loading.resolve_spec("gpt2").explicit
-    assert loading.resolve_spec("org/name").kind == "hub"
-    assert loading.resolve_spec(str(tiny_model)).kind == "dir"
-    builtin = loading.resolve_spec("builtin")
+    assert spec.resolve_spec(None) == spec.ModelSpec("hub", "gpt2", "gpt2", False)
+    assert spec.resolve_spec("gpt2").explicit
+    assert spec.resolve_spec("org/name").kind == "hub"
+    assert spec.resolve_spec(str(tiny_model)).kind == "dir"
+    builtin = spec.resolve_spec("builtin")
     assert builtin.kind == "builtin" and builtin.path.endswith(".gguf")
     with pytest.raises(ModelError, match="GGUF file not found"):
-        loading.resolve_spec(str(tmp_path / "x.gguf"))
+        spec.resolve_spec(str(tmp_path / "x.gguf"))
     with pytest.raises(ModelError, match="model directory not found"):
-        loading.resolve_spec("./nope")
+        spec.resolve_spec("./nope")
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
@@ -69,18 +69,18 @@ def test_hub_probe_honours_offline_flag_and_remembers_failures(monkeypatch, tmp_
             raise OSError("unreachable")
         return _Connection()
 
-    monkeypatch.setattr(loading.socket, "create_connection", connect)
+    monkeypatch.setattr(spec.socket, "create_connection", connect)
     fail = False
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert loading.hub_reachable() is False and calls == []  # the flag wins, no probe
+    assert spec.hub_reachable() is False and calls == []  # the flag wins, no probe
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    assert loading.hub_reachable() is True and len(calls) == 1  # a reachable Hub says so
+    assert spec.hub_reachable() is True and len(calls) == 1  # a reachable Hub says so
     fail = True
-    assert loading.hub_reachable() is False and len(calls) == 2
-    assert loading.hub_reachable() is False and len(calls) == 2  # remembered: no second wait
+    assert spec.hub_reachable() is False and len(calls) == 2
+    assert spec.hub_reachable() is False and len(calls) == 2  # remembered: no second wait
     (tmp_path / "hub-unreachable").unlink()
     fail = False
-    assert loading.hub_reachable() is True and len(calls) == 3
+    assert spec.hub_reachable() is True and len(calls) == 3
 
 
 def test_device_and_dtype_validation():

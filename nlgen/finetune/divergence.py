@@ -19,13 +19,14 @@ from typing import Any
 from nlgen.finetune.data import PackedData
 from nlgen.finetune.options import FinetuneOptions
 from nlgen.models import adapters, loading
+from nlgen.models.spec import ModelSpec
 from nlgen.score import compare
 from nlgen.score.scoring import ScoreOptions
 
 log = logging.getLogger("nlgen")
 
 
-def validation_kl(trainer: Any, lm: loading.LoadedModel, spec: loading.ModelSpec,
+def validation_kl(trainer: Any, lm: loading.LoadedModel, spec: ModelSpec,
                   data: PackedData, opts: FinetuneOptions) -> float | None:
     """Mean KL(base || fine-tuned) per predicted token of the validation blocks, nats."""
     if data.validation is None or len(data.validation) == 0 \

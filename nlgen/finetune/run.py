@@ -28,6 +28,7 @@ from nlgen.finetune.options import FinetuneOptions
 from nlgen.inputs import STDIN, Source, check_sources, check_text_field
 from nlgen.jobs import distributed
 from nlgen.models import loading
+from nlgen.models.spec import choose_model
 from nlgen.score.scoring import safe_exp
 
 log = logging.getLogger("nlgen")
@@ -50,7 +51,7 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
     started = time.time()
     # 1. Inputs, output directory, resume settings: before anything heavy runs or is written.
     sources, validation, fmt, records = _check_inputs(opts)
-    spec = loading.choose_model(opts.model)
+    spec = choose_model(opts.model)
     plan = artifacts.plan_output(opts, spec.name)
     settings = artifacts.run_settings(opts, sources, validation, distributed.world_size())
     if plan.resume_from is not None:

@@ -1,7 +1,7 @@
 """Models: a ``--model`` value -> a loaded model, in the form its weights run.
 
-Owns the model specs (Hub id, directory, ``.gguf``, builtin) and the fallback of the default,
-loading (``loading``: which way a model is read; ``readers``: transformers' ``from_pretrained``,
+Owns the model specs (``spec``: Hub id, directory, ``.gguf``, builtin; the fallback of the
+default), loading (``loading``: which way a model is read; ``readers``: transformers' ``from_pretrained``,
 a hook for the engine's own reader of the weights it runs), the GGUF conversion cache
 (``gguf``), the weight formats (``quantized``: int4/int8 layers, a GGUF model's own blocks,
 the int4 cache), devices and dtypes (``devices``), LoRA adapters

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nlgen.errors import ModelError
-from nlgen.models import gguf, loading
+from nlgen.models import gguf, spec
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,13 @@ def _dir_size(path: Path) -> int:
 def list_models() -> list[Entry]:
     entries = []
     try:
-        path = loading.builtin_gguf_path()
+        path = spec.builtin_gguf_path()
         note = ("converted copy cached" if gguf.is_converted(path)
                 else "converted on first use (~20 s)")
-        entries.append(Entry(loading.BUILTIN, "builtin", path.stat().st_size, str(path),
-                             f"{loading.BUILTIN_NAME}; {note}"))
+        entries.append(Entry(spec.BUILTIN, "builtin", path.stat().st_size, str(path),
+                             f"{spec.BUILTIN_NAME}; {note}"))
     except ModelError as exc:
-        entries.append(Entry(loading.BUILTIN, "builtin", 0, "-", f"missing: {exc.hint}"))
+        entries.append(Entry(spec.BUILTIN, "builtin", 0, "-", f"missing: {exc.hint}"))
     try:
         from huggingface_hub import scan_cache_dir
 
