@@ -7,7 +7,6 @@ failures reach rank 0 through nlgen.jobs.parallel).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from nlgen import inputs
 from nlgen.cli import comparison, console, runtime
 from nlgen.cli.options import ScoringJob
 from nlgen.jobs import distributed, parallel
-from nlgen.jobs.jobfile import JobIdentity
+from nlgen.jobs.jobfile import JobIdentity, model_key
 from nlgen.models import devices
 
 
@@ -66,9 +65,7 @@ def identity(command: str, job: ScoringJob, files: list[str] | None,
     and the reference, when there is one (the batch size changes none)."""
     options.update(device=job.device, dtype=job.dtype.value)
     if job.reference is not None:
-        reference = os.path.expanduser(job.reference)
-        options["reference"] = (os.path.abspath(reference) if os.path.exists(reference)
-                                else job.reference)
+        options["reference"] = model_key(job.reference)
     return JobIdentity(command, job.model, options, files=tuple(files or [inputs.STDIN]),
                        named=True)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from nlgen import jsonl
 from nlgen.errors import InputError, OutputError, UsageError
+from nlgen.inputs import STDIN
 
 log = logging.getLogger("nlgen")
 
@@ -52,7 +53,6 @@ def _freeze(value: Any) -> Hashable:
 
 # ----------------------------------------------------------------------------- job identity
 
-STDIN = "-"  # as nlgen.inputs names it
 SIDECAR_SUFFIX = ".job.json"  # OUT.jsonl -> OUT.jsonl.job.json
 PARTS = ("command", "input", "model", "options")  # what defines a job, compared on --resume
 
@@ -81,11 +81,9 @@ class JobIdentity:
 
     def describe(self) -> dict[str, Any]:
         """The identity as plain JSON (what ``OUT.job.json`` keeps)."""
-        model = self.model
-        if model and os.path.exists(os.path.expanduser(model)):
-            model = os.path.abspath(os.path.expanduser(model))  # the same dir from elsewhere
         return json.loads(json.dumps({"command": self.command, "input": self._input(),
-                                      "model": model, "options": dict(self.options)},
+                                      "model": model_key(self.model),
+                                      "options": dict(self.options)},
                                      default=str))
 
     def _input(self) -> dict[str, Any]:
@@ -101,6 +99,14 @@ class JobIdentity:
                 digest.update(f"\0{name}\0".encode())
             size += _hash_file(name, digest)
         return {"sha256": digest.hexdigest(), "bytes": size}
+
+
+def model_key(model: str | None) -> str | None:
+    """A ``--model`` (or ``--reference``) as a job records it: a local path made absolute, so
+    that the same directory named from elsewhere is the same model; anything else as given."""
+    if model and os.path.exists(os.path.expanduser(model)):
+        return os.path.abspath(os.path.expanduser(model))
+    return model
 
 
 def _hash_file(name: str, digest: Any) -> int:
