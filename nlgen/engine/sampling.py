@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nlgen")
 
+
 def row_seed(seed: int, index: int, sequence: int = 0) -> int:
     """The seed of one row's generator: stable across runs, processes and Python versions.
 

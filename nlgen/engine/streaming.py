@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
 
 def cut_at_stop(text: str, stops: Iterable[str]) -> str | None:
     """The text before the earliest stop string, or None when no stop string occurs."""
