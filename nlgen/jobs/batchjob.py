@@ -26,7 +26,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from nlgen import inputs
 from nlgen.engine import token_logprobs
@@ -35,6 +35,8 @@ from nlgen.engine.options import GenerationOptions
 from nlgen.errors import InputError, UsageError
 from nlgen.inputs import Prompt, Record
 from nlgen.jobs import record_options
+from nlgen.jobs.record_options import FieldError
+from nlgen.score.likelihood import TokenLogprob
 
 TEXT = "text"  # plain prompts: arguments, or a text file one a line
 PROMPTS = "prompts"  # a .jsonl file of nlgen prompt records
@@ -44,7 +46,8 @@ COMPLETIONS_URL = "/v1/completions"
 KEY_FIELDS: dict[str, tuple[str, ...]] = {TEXT: ("index", "sequence"),
                                           PROMPTS: ("index", "sequence"), OPENAI: ("id",)}
 
-# Accepted and left alone: the model is the job's --model; `user` is for OpenAI's abuse checks.
+# Accepted and left alone: the model is the job's --model (the server's model); `user` is for
+# OpenAI's abuse checks; `stream` is the caller's (a batch refuses it, the server streams).
 IGNORED_BODY_FIELDS = {"model", "user", "stream"}
 
 
@@ -157,54 +160,77 @@ def _openai_request(index: int, item: Record, base: GenerationOptions) -> Reques
     if record:
         raise ValueError(f"unknown field {sorted(record)[0]!r} (a request has custom_id, "
                          "method, url and body)")
-    body = dict(body)
     if body.get("stream"):
         raise ValueError("body.stream: a batch request cannot be streamed")
+    parsed = parse_body(body, url, base, where="body.", line=item.line)
+    return Request(index, item.line, parsed.prompt, parsed.options, custom_id=custom_id,
+                   url=url, length_field=parsed.length_field)
+
+
+class ParsedBody(NamedTuple):
+    """An OpenAI request body as nlgen runs it."""
+
+    prompt: Prompt
+    options: GenerationOptions
+    length_field: str | None  # the field that set its own max new tokens (``max_tokens``)
+
+
+def parse_body(body: dict[str, Any], url: str, base: GenerationOptions, *, where: str = "",
+               line: int | None = None) -> ParsedBody:
+    """The prompt and options of an OpenAI ``/v1/completions`` or ``/v1/chat/completions``
+    request body (``url``), over the options ``base``: what a batch request and ``nlgen serve``
+    both run. ``model``, ``user`` and ``stream`` are left to the caller; every other field
+    nlgen does not take is refused. Raises ValueError naming the field (``where`` prefixes its
+    name: ``body.``); a :class:`record_options.FieldError` also carries the field's own name.
+    """
+    body = dict(body)
     for name in IGNORED_BODY_FIELDS:
         body.pop(name, None)
     chat = url == CHAT_URL
-    prompt = _prompt(body, item.line, messages_allowed=chat, where="body.")
-    options = record_options.overlay(body, dataclasses.replace(base, chat=False), "body.",
+    prompt = _prompt(body, line, messages_allowed=chat, where=where)
+    options = record_options.overlay(body, dataclasses.replace(base, chat=False), where,
                                      logprobs=record_options.CHAT if chat
                                      else record_options.COMPLETIONS)
-    return Request(index, item.line, prompt, options, custom_id=custom_id, url=url,
-                   length_field=record_options.length_field(body, "body."))
+    return ParsedBody(prompt, options, record_options.length_field(body, where))
 
 
-def _prompt(record: dict[str, Any], line: int, *, messages_allowed: bool, where: str) -> Prompt:
+def _prompt(record: dict[str, Any], line: int | None, *, messages_allowed: bool,
+            where: str) -> Prompt:
     """Pop the prompt (``prompt``, or a chat's ``messages``) out of ``record``."""
     if "messages" in record and messages_allowed:
         messages = _messages(record.pop("messages"), where)
         if "prompt" in record:
-            raise ValueError(f"{where}prompt and {where}messages: give one")
+            raise FieldError(f"{where}prompt and {where}messages: give one", "prompt")
         return Prompt(messages[-1]["content"], line, messages=messages)
     if "prompt" not in record:
         wanted = f"{where}prompt or {where}messages" if messages_allowed else f"{where}prompt"
-        raise ValueError(f"no {wanted} field")
+        raise FieldError(f"no {wanted} field", "messages" if messages_allowed else "prompt")
     text = record.pop("prompt")
     if isinstance(text, list) and len(text) == 1:  # OpenAI allows a list of prompts
         text = text[0]
     if not isinstance(text, str):
-        raise ValueError(f"{where}prompt is not a string (one prompt per request)")
+        raise FieldError(f"{where}prompt is not a string (one prompt per request)", "prompt")
     if not text.strip():
-        raise ValueError(f"{where}prompt is empty")
+        raise FieldError(f"{where}prompt is empty", "prompt")
     return Prompt(text, line)
 
 
 def _messages(value: Any, where: str) -> tuple[dict[str, str], ...]:
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}messages is not a non-empty list")
+        raise FieldError(f"{where}messages is not a non-empty list", "messages")
     messages = []
     for number, message in enumerate(value, 1):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValueError(f"{where}messages[{number - 1}] has no role")
+            raise FieldError(f"{where}messages[{number - 1}] has no role", "messages")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text can be read by a text model
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise ValueError(f"{where}messages[{number - 1}]: only text content is supported")
+                raise FieldError(f"{where}messages[{number - 1}]: only text content is "
+                                 "supported", "messages")
             content = "".join(str(p.get("text", "")) for p in content)
         if not isinstance(content, str):
-            raise ValueError(f"{where}messages[{number - 1}] has no text content")
+            raise FieldError(f"{where}messages[{number - 1}] has no text content",
+                             "messages")
         messages.append({"role": message["role"], "content": content})
     return tuple(messages)
 
@@ -334,47 +360,74 @@ def openai_record(result: Result, model: str, job: str = "") -> dict[str, Any]:
     request_id = f"nlgen-req-{suffix}"
     if not request.ok:
         line["line"] = request.line
-        error = {"message": request.error, "type": "invalid_request_error",
-                 "param": (request.length_field or "").removeprefix("body.") or None,
-                 "code": None}
+        param = (request.length_field or "").removeprefix("body.") or None
         line["response"] = {"status_code": 400, "request_id": request_id,
-                            "body": {"error": error}}
+                            "body": error_body(str(request.error), param)}
         line["error"] = None
         return line
-    chat = request.url == CHAT_URL
-    choices = []
-    for g in result.generations:
-        choice: dict[str, Any] = {"index": g.sequence}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": g.completion}
-        else:
-            choice["text"] = g.completion
-        choice.update(logprobs=_choice_logprobs(g, chat),
-                      finish_reason=FINISH_REASONS.get(g.finish_reason, "stop"))
-        choices.append(choice)
-    prompt_tokens = result.generations[0].prompt_tokens if result.generations else 0
-    body = {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-nlgen-{suffix}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()), "model": model, "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": result.new_tokens,
-                  "total_tokens": prompt_tokens + result.new_tokens},
-    }
+    body = response_body(request.url or COMPLETIONS_URL, result.generations, model,
+                         f"{'chatcmpl' if request.url == CHAT_URL else 'cmpl'}-nlgen-{suffix}")
     line["response"] = {"status_code": 200, "request_id": request_id, "body": body}
     line["error"] = None
     return line
 
 
-def _choice_logprobs(g: Generation, chat: bool) -> dict[str, Any] | None:
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def response_body(url: str, generations: Iterable[Generation], model: str, response_id: str,
+                  created: int | None = None) -> dict[str, Any]:
+    """The completion object that answers an OpenAI request to ``url`` (``/v1/completions`` or
+    ``/v1/chat/completions``) with its sequences: a batch output line's body, and what
+    ``nlgen serve`` answers."""
+    chat = url == CHAT_URL
+    generations = tuple(generations)
+    choices = []
+    for g in generations:
+        choice: dict[str, Any] = {"index": g.sequence}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": g.completion}
+        else:
+            choice["text"] = g.completion
+        choice.update(logprobs=choice_logprobs(g.logprobs, chat),
+                      finish_reason=finish_reason(g))
+        choices.append(choice)
+    return {
+        "id": response_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()) if created is None else created, "model": model,
+        "choices": choices, "usage": usage(generations),
+    }
+
+
+def finish_reason(g: Generation) -> str:
+    """A sequence's OpenAI ``finish_reason``."""
+    return FINISH_REASONS.get(g.finish_reason, "stop")
+
+
+def usage(generations: Iterable[Generation]) -> dict[str, int]:
+    """OpenAI's ``usage`` of one request: its prompt once, every sequence's new tokens."""
+    generations = tuple(generations)
+    prompt = generations[0].prompt_tokens if generations else 0
+    new = sum(g.completion_tokens for g in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
+
+
+def choice_logprobs(tokens: tuple[TokenLogprob, ...] | None, chat: bool,
+                    offset: int = 0) -> dict[str, Any] | None:
     """A choice's ``logprobs`` as each endpoint gives them: a chat's ``{"content": [...]}``;
     a completion's ``tokens``, ``token_logprobs``, ``top_logprobs`` (one {token: logprob} per
-    token) and ``text_offset`` (where each token starts in the completion's text)."""
-    if g.logprobs is None:
+    token) and ``text_offset`` (where each token starts in the completion's text; ``offset``:
+    where ``tokens`` start, for a streamed piece)."""
+    if tokens is None:
         return None
-    content = token_logprobs.openai_content(g.logprobs)
+    content = token_logprobs.openai_content(tokens)
     if chat:
         return {"content": content}
-    offsets, at = [], 0
+    offsets, at = [], offset
     for token in content:
         offsets.append(at)
         at += len(token["token"])
