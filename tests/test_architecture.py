@@ -3,7 +3,7 @@ and no module imports itself back through others (no circle).
 
 Layers, bottom to top (a module may import its own layer and the ones below):
 
-    errors < inputs, batching, jsonl < models < score < engine < jobs < finetune < cli
+    errors < inputs, batching, jsonl < models < score < engine < jobs < serve < finetune < cli
 
 Read from the source with ``ast`` (every import, also those inside functions and under
 TYPE_CHECKING), so a lazy import that runs up a layer is caught like any other.
@@ -24,6 +24,7 @@ LAYERS = [
     {"score"},
     {"engine"},
     {"jobs"},
+    {"serve"},
     {"finetune"},
     {"cli", "__main__", "__init__"},
 ]

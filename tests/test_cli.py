@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_nlgen
 
-COMMANDS = ["generate", "perplexity", "finetune", "models"]
+COMMANDS = ["generate", "perplexity", "finetune", "models", "serve"]
 
 
 def test_help_imports_no_torch_for_any_command():

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from nlgen import __version__
-from nlgen.cli import finetune, generate, models, perplexity, score, typer_patches
+from nlgen.cli import finetune, generate, models, perplexity, score, serve, typer_patches
 from nlgen.cli.console import StdoutError, error, silence_stdout
 from nlgen.cli.runtime import end_process, flush_stdout_quietly
 
@@ -48,6 +48,7 @@ app.command("models")(models.models)
 app.command("perplexity")(perplexity.perplexity)
 app.command("finetune")(finetune.finetune)
 app.command("score")(score.score)
+app.command("serve")(serve.serve)
 
 
 def main() -> None:

@@ -151,6 +151,24 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def stop_signals(stop: Callable[[bool], None]) -> Iterator[None]:
+    """Ctrl-C and SIGTERM end a server (``nlgen serve``) its own way instead of interrupting it
+    where it stands: ``stop(True)`` for Ctrl-C (requests in flight cancelled, exit 130),
+    ``stop(False)`` for SIGTERM (requests drained, exit 0). ``stop`` runs in the signal handler:
+    it only sets flags."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop(signum == signal.SIGINT))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 _terminated = False  # the interruption was a SIGTERM (under a launcher: a rank may be lost)
 
 
