@@ -73,9 +73,15 @@ def test_run_record(trained, tiny_model: Path):
     assert rec["base_model"]["source"] == str(tiny_model)
     assert rec["data"] == [{"path": str(CORPUS), "bytes": CORPUS.stat().st_size,
                             "sha256": hashlib.sha256(CORPUS.read_bytes()).hexdigest()}]
+    from nlgen.models.devices import cpu_has_fast_bf16
+
     hp = rec["hyperparameters"]
     assert (hp["max_steps"], hp["learning_rate"], hp["batch_size"], hp["block_size"],
-            hp["seed"], hp["precision"]) == (8, 1e-3, 4, 128, 0, "fp32")
+            hp["seed"]) == (8, 1e-3, 4, 128, 0)
+    # --precision auto: bf16 mixed precision on a CPU with native bfloat16, else fp32.
+    assert (hp["precision_option"], hp["precision"]) == (
+        "auto", "bf16" if cpu_has_fast_bf16() else "fp32")
+    assert rec["validation_precision"] == "fp32"  # measured with the KL, in float32
     assert rec["steps"] == 8
     assert 0 < rec["validation_kl"] < 10  # nats per token, the result against its base
     assert rec["tokens_seen"] == 8 * 4 * 128
@@ -138,6 +144,71 @@ def test_corpus_shorter_than_a_block_still_trains(tiny_model, tmp_path, cli):
     rec = record(tmp_path / "m")
     assert rec["train_blocks"] == 1 and rec["validation_blocks"] == 1
     assert rec["hyperparameters"]["block_size"] < 128
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_precision_auto_is_bf16_on_a_cpu_with_native_bfloat16(monkeypatch, caplog, fast):
+    import logging
+
+    import torch
+
+    from nlgen.finetune import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run, "cpu_has_fast_bf16", lambda: fast)
+    with caplog.at_level(logging.INFO, logger="nlgen"):
+        assert run.resolve_precision("auto", "auto") == ("bf16" if fast else "fp32", True)
+    assert ("bf16 mixed precision" if fast else "no native bfloat16") in caplog.text
+    # Asked for, a precision is kept, whatever the CPU.
+    assert run.resolve_precision("fp32", "auto") == ("fp32", True)
+    assert run.resolve_precision("bf16", "cpu") == ("bf16", True)
+
+
+def test_validation_is_measured_once_with_the_kl(tiny_model, tmp_path, monkeypatch):
+    """Packed text on one process: the float32 pass that measures the KL gives the validation
+    loss before (the base) and after (the result), in float32 after bf16 training too; no
+    Trainer evaluation repeats it."""
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+
+    from nlgen import finetune
+    from nlgen.finetune import run
+    from nlgen.finetune.data import prepare_data
+    from nlgen.inputs import check_sources
+
+    calls = []
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: calls.append(1) or
+                        evaluate(self, *a, **k))
+    opts = finetune.FinetuneOptions(data=(str(CORPUS),), model=str(tiny_model),
+                                    output_dir=str(tmp_path / "once"), max_steps=4,
+                                    learning_rate=1e-3, seed=0, precision="bf16")
+    events = []
+    rec = finetune.finetune(opts, on_event=events.append).record
+    assert not calls
+    assert [e.when for e in events if isinstance(e, finetune.Evaluation)] == ["before", "end"]
+    assert [e["step"] for e in rec["validation_perplexity"]["evaluations"]] == [4]
+    # The numbers: each model's mean loss over the predicted tokens of the validation blocks.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    data = prepare_data(check_sources([str(CORPUS)], None), [], opts, tokenizer, 128,
+                        contextlib.nullcontext)
+    ids = torch.tensor(data.validation["input_ids"])
+    for when, directory in (("before", tiny_model), ("after", tmp_path / "once")):
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        with torch.no_grad():
+            loss = float(model(input_ids=ids, labels=ids).loss)
+        assert rec["validation_loss"][when] == pytest.approx(loss, rel=1e-5), when
+    # Records, or several processes: the Trainer measures them, as before.
+    monkeypatch.setattr(run, "kl_runs", lambda *a: False)
+    calls.clear()
+    rec = finetune.finetune(finetune.FinetuneOptions(**{**opts.__dict__, "output_dir": str(
+        tmp_path / "twice")})).record
+    assert len(calls) == 2 and rec["validation_precision"] == rec["hyperparameters"]["precision"]
 
 
 # ----------------------------------------------------------------------------- resume

@@ -236,10 +236,11 @@ def test_chat_run_trains_on_replies_and_draws_the_curve(chatml_model, tmp_path, 
     data = write_jsonl(tmp_path / "chats.jsonl", conversations(8))
     out = tmp_path / "out"
     r = cli("finetune", str(data), "--model", str(chatml_model), "-o", str(out),
-            "--validation-split", "0.25", *FAST)
+            "--validation-split", "0.25", "--precision", "bf16", *FAST)
     assert r.exit_code == 0, r.output
     rec = record(out)
-    assert rec["format"] == "messages"
+    assert rec["format"] == "messages" and rec["hyperparameters"]["precision"] == "bf16"
+    assert rec["validation_precision"] == "bf16"  # the masked loss: the Trainer's
     ex = rec["examples"]
     assert (ex["train"]["examples"], ex["validation"]["examples"]) == (6, 2)
     assert ex["skipped_bad_records"] == ex["truncated"] == ex["dropped_by_truncation"] == 0
@@ -275,6 +276,49 @@ def test_chat_run_trains_on_replies_and_draws_the_curve(chatml_model, tmp_path, 
     assert json.loads(gen.stdout)["prompt_tokens"] == len(tokenizer.apply_chat_template(
         [{"role": "user", "content": "Where did the fox go?"}], add_generation_prompt=True,
         tokenize=True, return_dict=False))
+
+
+def test_bf16_batches_of_like_length_train_the_replies_only(chatml_model):
+    """Records run in batches of like length (less padding); under bf16 autocast a padded
+    batch's loss is still that of each example's replies alone: padding and prompts count
+    for nothing, and no example sees another."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nlgen.finetune.chat import check_record
+    from nlgen.finetune.examples import PadCollator
+    from nlgen.finetune.options import FinetuneOptions
+    from nlgen.finetune.run import _training_args
+
+    tokenizer, encode = encoder(chatml_model)
+    model = AutoModelForCausalLM.from_pretrained(chatml_model, dtype=torch.float32).eval()
+    short = conversations(1)[0]
+    long = {"messages": CONVERSATION + [{"role": "user", "content": "Why?"},
+                                        {"role": "assistant", "content": "Tired after a "
+                                         "long day of running through the woods."}]}
+    pairs = [encode(check_record(r, "messages")) for r in (short, long)]
+    assert len(pairs[0][0]) < len(pairs[1][0])
+    batch = PadCollator(tokenizer.eos_token_id)([{"input_ids": i, "labels": lab}
+                                                 for i, lab in pairs])
+    with torch.no_grad():
+        nll, trained = 0.0, 0
+        for ids, labels in pairs:  # each alone, float32, no padding
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            target = torch.tensor(labels[1:])
+            nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum",
+                                                           ignore_index=-100))
+            trained += int((target != -100).sum())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = float(model(**batch).loss)
+            batch["input_ids"][0, len(pairs[0][0]):] = 7  # other padding: the same loss
+            assert float(model(**batch).loss) == loss
+    assert loss == pytest.approx(nll / trained, rel=0.02)
+    opts = FinetuneOptions(data=("x.jsonl",))
+    plan = type("Plan", (), {"checkpoints": "unused"})()
+    assert _training_args(opts, plan, "bf16", True, [], True, padded=True) \
+        .train_sampling_strategy == "group_by_length"
+    assert _training_args(opts, plan, "bf16", True, [], True, padded=False) \
+        .train_sampling_strategy == "random"  # packed text blocks are all one length
 
 
 def test_a_text_run_draws_its_curve_too(tiny_model, tmp_path, cli):

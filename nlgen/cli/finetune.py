@@ -125,7 +125,8 @@ def finetune(
         "--weight-decay", help="AdamW weight decay.", rich_help_panel=TRAIN)] = 0.0,
     seed: SeedOpt = None,
     precision: Annotated[Precision, typer.Option(
-        "--precision", help="Mixed precision (auto: bf16/fp16 on a GPU, fp32 on a CPU).",
+        "--precision", help="Mixed precision; weights stay float32 (auto: bf16/fp16 on a GPU; "
+        "bf16 on a CPU with native bfloat16 (AVX512-BF16, AMX), else fp32).",
         rich_help_panel=TRAIN)] = Precision.auto,
     gradient_checkpointing: Annotated[bool, typer.Option(
         "--gradient-checkpointing", help="Recompute activations: less memory, ~20% slower.",

@@ -64,6 +64,9 @@ class NlgenCallback(TrainerCallback):
         self.steps_at_start = 0
         self.stopped_at: int | None = None
         self.phase = "before"  # what an evaluation now measures: before | epoch | end
+        # False: the last step's validation loss is measured after training, by the float32
+        # pass that measures the KL too (packed text on one process): the Trainer skips it.
+        self.final_evaluation = True
 
     def _emit(self, event: Event, state: Any) -> None:
         if self.on_event is not None and state.is_world_process_zero:
@@ -93,10 +96,13 @@ class NlgenCallback(TrainerCallback):
         every = self.opts.sample_every
         if every and state.global_step % every == 0 and state.is_world_process_zero and model:
             self._emit(Sample(state.global_step, self._sample(model)), state)
-        if state.global_step >= state.max_steps and not self.opts.keep_checkpoints:
-            # The Trainer checkpoints the last step (weights and optimizer: 3x the model) for a
-            # run about to save its model anyway and drop its checkpoints: skip it.
-            control.should_save = False
+        if state.global_step >= state.max_steps:
+            if not self.opts.keep_checkpoints:
+                # The Trainer checkpoints the last step (weights and optimizer: 3x the model)
+                # for a run about to save its model anyway and drop its checkpoints: skip it.
+                control.should_save = False
+            if not self.final_evaluation:
+                control.should_evaluate = False
         if self._stop_requested(args):
             self.stopped_at = state.global_step
             control.should_save = True
@@ -144,7 +150,18 @@ class NlgenCallback(TrainerCallback):
         if self.stopped_at is not None:  # interrupted: no evaluation, already saved
             control.should_evaluate = False
             control.should_save = False
+        elif state.global_step >= state.max_steps and not self.final_evaluation:
+            control.should_evaluate = False
         return control
+
+    def measured_after(self, state: Any, before: float, after: float) -> None:
+        """The validation losses that the pass after training measured (before: the base's):
+        into the log history (the curve, the record) and out as events, as the Trainer's."""
+        state.log_history.append({"eval_loss": after, "epoch": state.epoch,
+                                  "step": state.global_step})
+        self._emit(Evaluation(0, 0.0, before, safe_exp(before), "before"), state)
+        self._emit(Evaluation(state.global_step, state.epoch or 0.0, after, safe_exp(after),
+                              "end"), state)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not metrics or "eval_loss" not in metrics:

@@ -22,12 +22,13 @@ from nlgen.finetune import artifacts, examples
 from nlgen.finetune.chat import TEXT, end_of_turn_ids
 from nlgen.finetune.curve import loss_rows as curve_rows
 from nlgen.finetune.data import PackedData, prepare_data
-from nlgen.finetune.divergence import validation_kl
+from nlgen.finetune.divergence import kl_runs, validation_kl
 from nlgen.finetune.events import Event, FinetuneResult, Started, TrainingInterrupted
 from nlgen.finetune.options import FinetuneOptions
 from nlgen.inputs import STDIN, Source, check_sources, check_text_field
 from nlgen.jobs import distributed
 from nlgen.models import loading
+from nlgen.models.devices import cpu_has_fast_bf16
 from nlgen.models.spec import choose_model
 from nlgen.score.scoring import safe_exp
 
@@ -53,10 +54,11 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
     sources, validation, fmt, records = _check_inputs(opts)
     spec = choose_model(opts.model)
     plan = artifacts.plan_output(opts, spec.name)
+    precision, use_cpu = resolve_precision(opts.precision, opts.device)
     settings = artifacts.run_settings(opts, sources, validation, distributed.world_size())
+    settings["precision"] = precision  # what auto chose: a resumed run trains as it did
     if plan.resume_from is not None:
         artifacts.check_resume_settings(plan.checkpoints, settings)
-    precision, use_cpu = resolve_precision(opts.precision, opts.device)
     report_to = check_report_to(opts.report_to)
 
     # 2. The model, through the same loader as every other command.
@@ -102,7 +104,12 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
                          plan.checkpoints,
                          artifacts.checkpoint_step(plan.resume_from) if plan.resume_from
                          else None, data.format))
-    before = _loss_before(trainer, data, plan, settings)
+    # Packed text on one process: the float32 pass after training that measures the KL gives
+    # the validation loss of the base (before) and of the result (after) too; the Trainer's
+    # evaluations before training and at the last step would repeat it.
+    by_kl = data.format == TEXT and args.world_size == 1 and kl_runs(trainer, data)
+    callback.final_evaluation = not by_kl
+    before = _loss_before(trainer, data, plan, settings, measure=not by_kl)
     saving = artifacts.saving_checkpoints(plan.checkpoints, main=args.should_save)
     with interrupt, saving, _peers_watched(plan):
         train_out = trainer.train(
@@ -110,8 +117,16 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
     if callback.stopped_at is not None:
         raise TrainingInterrupted(callback.stopped_at,
                                   plan.checkpoints / f"checkpoint-{callback.stopped_at}")
-    after, evals = _loss_after(trainer, data, callback)
-    kl = validation_kl(trainer, lm, spec, data, opts)
+    divergence = validation_kl(trainer, lm, spec, data, opts)
+    if by_kl and divergence is not None and divergence.tokens:
+        before = divergence.reference_nll_sum / divergence.tokens
+        after = divergence.nll_sum / divergence.tokens
+        callback.measured_after(trainer.state, before, after)
+        evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    else:
+        by_kl = False
+        after, evals = _loss_after(trainer, data, callback)
+    kl = divergence.kl if divergence is not None else None
 
     # 5. The model directory: a temporary sibling, renamed into place when complete.
     record = artifacts.build_record(
@@ -120,9 +135,12 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
                     if validation else {"split": opts.split} if data.validation is not None
                     else None),
         hyperparameters={"learning_rate": opts.resolved_learning_rate,
-                         "block_size": data.block_size, "precision": precision},
+                         "block_size": data.block_size, "precision": precision,
+                         "precision_option": opts.precision},
         run={**_run_facts(trainer, train_out, callback, data, before, after, evals, plan),
-             "validation_kl": kl})
+             "validation_kl": kl,
+             # by_kl: in float32 whatever the training precision; else in the Trainer's
+             "validation_precision": "fp32" if by_kl else precision})
     curve = curve_rows(trainer.state.log_history, before)
     _save(trainer, lm.tokenizer, opts, plan, record, started, curve)
     return FinetuneResult(plan.output, record, trainer.is_world_process_zero())
@@ -223,15 +241,21 @@ def _training_args(opts: FinetuneOptions, plan: artifacts.Plan, precision: str, 
         eval_strategy=("steps" if opts.eval_steps else "epoch") if evaluate else "no",
         eval_steps=opts.eval_steps,
         dataloader_num_workers=0,
+        # Records are padded per batch: batches of examples of like length (drawn at random
+        # in groups of 50 batches, as transformers' LengthGroupedSampler does) carry little
+        # padding. Packed text blocks are all one length.
+        train_sampling_strategy="group_by_length" if padded else "random",
     )
 
 
 def _loss_before(trainer: Any, data: PackedData, plan: artifacts.Plan,
-                 settings: dict[str, Any]) -> float | None:
-    """Validation loss before training: measured on a fresh run, read back on a resumed one."""
+                 settings: dict[str, Any], measure: bool = True) -> float | None:
+    """Validation loss before training: measured on a fresh run, read back on a resumed one
+    (``measure=False``: measured after training, with the KL)."""
     if plan.resume_from is not None:
         return artifacts.read_state(plan.checkpoints).get("before_loss")
-    before = trainer.evaluate()["eval_loss"] if data.validation is not None else None
+    before = trainer.evaluate()["eval_loss"] if data.validation is not None and measure \
+        else None
     if trainer.is_world_process_zero():
         artifacts.write_state(plan.checkpoints, settings, before)
     return before
@@ -345,7 +369,14 @@ def _planned_steps(data: PackedData, opts: FinetuneOptions, world_size: int) -> 
 
 
 def resolve_precision(precision: str, device: str) -> tuple[str, bool]:
-    """-> (precision, use_cpu). Mixed precision that this device cannot run is a usage error."""
+    """-> (precision, use_cpu). Mixed precision that this device cannot run is a usage error.
+
+    ``auto`` is bf16 on a GPU that has it (else fp16), and on a CPU with native bfloat16
+    arithmetic (AVX512-BF16 or AMX); else fp32. bf16 is mixed precision: the weights, their
+    gradients and the optimizer stay float32, the matrix products run in bfloat16 (autocast).
+    Measured on the built-in model (README, benchmarks/bench_finetune.py): 1.4-1.6x the
+    tokens/s of float32 on such a CPU, the final validation loss within 0.5%.
+    """
     import torch
 
     use_cpu = device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
@@ -357,14 +388,19 @@ def resolve_precision(precision: str, device: str) -> tuple[str, bool]:
         if precision == "fp16":
             raise UsageError("--precision fp16 needs a CUDA GPU; this run is on the CPU",
                              hint="use --precision bf16 or fp32 here")
-        # bf16 autocast runs on any CPU (slowly without AVX512-BF16/AMX): allowed when asked,
-        # never chosen by auto, since full float32 keeps a CPU run exactly reproducible.
-        return ("fp32" if precision == "auto" else precision), True
+        if precision != "auto":  # bf16 runs on any CPU: slowly, emulated, without the
+            return precision, True  # instructions, but as asked
+        fast = cpu_has_fast_bf16()
+        log.info("--precision auto: %s", "bf16 mixed precision (the CPU has native bfloat16 "
+                 "arithmetic; weights stay float32)" if fast else "fp32 (the CPU has no native "
+                 "bfloat16 arithmetic: AVX512-BF16 or AMX)")
+        return ("bf16" if fast else "fp32"), True
     bf16_ok = torch.cuda.is_bf16_supported()
     if precision == "bf16" and not bf16_ok:
         raise UsageError("--precision bf16 is not supported by this GPU",
                          hint="use --precision fp16 or fp32")
     if precision == "auto":
+        log.info("--precision auto: %s mixed precision on the GPU", "bf16" if bf16_ok else "fp16")
         return ("bf16" if bf16_ok else "fp16"), False
     return precision, False
 
