@@ -1,17 +1,30 @@
-"""Training throughput and peak memory: ``nlgen finetune`` against the run_clm.py recipe.
+"""``nlgen finetune`` against a plain Trainer script (the run_clm.py recipe), in one run.
 
-Both sides train the same model on the same text with the same block size, batch size, steps,
-learning rate and seed, each in a fresh process, in the same run of this script (so that they
-share the machine's load). The run_clm side is the recipe of transformers'
-examples/pytorch/language-modeling/run_clm.py reduced to its training path: load_dataset("text"),
-tokenize, group_texts, Trainer. Throughput is what both report the same way: training tokens
-(steps x batch x block) over the Trainer's train_runtime; peak memory is the child's max RSS.
+One command gives the whole table:
 
-    .venv/bin/python benchmarks/bench_finetune.py --max-steps 15 \
-        --out benchmarks/results/finetune.md
+    .venv/bin/python benchmarks/bench_finetune.py --out benchmarks/results/finetune.md
 
-A last section times one training step's parts in-process (forward, loss, backward, optimizer)
-to say where the time goes.
+(about 8 minutes on a quiet 2-core machine). Its sections:
+
+1. Throughput. The Trainer script trains in float32, as a user writes it (the recipe of
+   transformers' examples/pytorch/language-modeling/run_clm.py reduced to its training path:
+   load_dataset("text"), tokenize, group_texts, Trainer); ``nlgen finetune`` trains with its
+   default precision (``--precision auto``) and, to tell the means apart, in float32 too. Same
+   model, text, block size, batch size, steps, learning rate and seed, each run a fresh
+   process, alternating, in the same run of this script (so that they share the machine's
+   load), no validation. tokens/s = training tokens (steps x batch x block) / the Trainer's
+   train_runtime; the ratio is nlgen's default over the script's float32.
+2. Validation loss. Two short nlgen runs with a held-out split, float32 and the default
+   precision, same seed: the final validation loss of each (nlgen measures it in float32 in
+   both) and their difference; and where such a run's wall time goes.
+3. Padding. Conversations are not packed: each example is padded to its batch's longest. On a
+   synthetic conversation set, the padding share and the trained tokens/s of batches drawn at
+   random against batches of like length (what nlgen does), in-process, in the default
+   precision.
+4. Where one training step's time goes, float32 and bf16 autocast, in-process.
+
+The uptime load average is written beside the numbers: on a shared machine, compare only
+rows of one run.
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import subprocess
@@ -27,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,18 +105,22 @@ def measured(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedP
 
 
 def run_nlgen(model_dir: str, data: str, a: argparse.Namespace, env: dict[str, str],
-              tmp: Path, precision: str) -> dict:
+              tmp: Path, precision: str, steps: int, split: float = 0.0) -> dict:
     out = tmp / f"nlgen-{precision}-{time.monotonic_ns()}"
     cmd = [sys.executable, "-m", "nlgen", "finetune", data, "--model", model_dir, "-o", str(out),
            "--block-size", str(a.block_size), "--batch-size", str(a.batch_size),
-           "--max-steps", str(a.max_steps), "--learning-rate", str(a.learning_rate),
-           "--seed", str(a.seed), "--validation-split", "0", "--save-steps", "1000000",
+           "--max-steps", str(steps), "--learning-rate", str(a.learning_rate),
+           "--seed", str(a.seed), "--validation-split", str(split), "--save-steps", "1000000",
            "--precision", precision]
     _, wall, rss = measured(cmd, env)
     rec = json.loads((out / "nlgen_run.json").read_text())
-    return {"name": f"nlgen finetune ({precision})", "train_s": rec["train_runtime_s"],
+    chosen = rec["hyperparameters"]["precision"]
+    shown = f"{precision}: {chosen}" if precision == "auto" else precision
+    return {"name": f"nlgen finetune ({shown})", "train_s": rec["train_runtime_s"],
             "tokens": rec["tokens_seen"], "tok_s": rec["tokens_seen"] / rec["train_runtime_s"],
-            "wall_s": wall, "rss_mib": rss}
+            "wall_s": wall, "rss_mib": rss, "precision": chosen,
+            "loss": rec["validation_loss"], "kl": rec.get("validation_kl"),
+            "inside_s": rec["wall_time_s"]}
 
 
 def run_clm(model_dir: str, data: str, a: argparse.Namespace, env: dict[str, str],
@@ -118,8 +137,9 @@ def run_clm(model_dir: str, data: str, a: argparse.Namespace, env: dict[str, str
             "tok_s": res["tokens"] / res["train_runtime"], "wall_s": wall, "rss_mib": rss}
 
 
-def profile_step(model_dir: str, a: argparse.Namespace, steps: int = 4) -> list[tuple[str, float]]:
-    """Mean seconds per part of one training step, measured in-process (float32)."""
+def profile_step(model_dir: str, a: argparse.Namespace, bf16: bool,
+                 steps: int = 3) -> list[tuple[str, float]]:
+    """Mean seconds per part of one training step, measured in-process."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -133,9 +153,10 @@ def profile_step(model_dir: str, a: argparse.Namespace, steps: int = 4) -> list[
                                      "backward": [], "optimizer step": []}
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        hidden = model.base_model(input_ids=ids).last_hidden_state  # (B, T, d)
-        t1 = time.perf_counter()
-        logits = model.get_output_embeddings()(hidden)  # (B, T, vocab): 49k wide for SmolLM2
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = model.base_model(input_ids=ids).last_hidden_state  # (B, T, d)
+            t1 = time.perf_counter()
+            logits = model.get_output_embeddings()(hidden)  # (B, T, vocab): 49k for SmolLM2
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)).float(), ids[:, 1:].reshape(-1))
         t2 = time.perf_counter()
@@ -150,21 +171,96 @@ def profile_step(model_dir: str, a: argparse.Namespace, steps: int = 4) -> list[
     return [(k, statistics.mean(v)) for k, v in parts.items()]
 
 
+def synthetic_chats(texts: list[str], n: int, seed: int) -> list[dict[str, Any]]:
+    """n conversations of varied length: a question on a sentence, a reply of 1 to 8."""
+    sentences = [x.strip() + "." for t in texts for x in t.replace("\n", " ").split(". ")
+                 if len(x.split()) > 3]
+    rng = random.Random(seed)
+    chats = []
+    for _ in range(n):
+        first = rng.randrange(len(sentences))
+        reply = " ".join(sentences[(first + k) % len(sentences)]
+                         for k in range(rng.randint(1, 8)))
+        topic = " ".join(sentences[first].split()[:4])
+        chats.append({"messages": [{"role": "user", "content": f"Go on from: {topic}"},
+                                   {"role": "assistant", "content": reply}]})
+    return chats
+
+
+def padding_run(model_dir: str, chats: list[dict[str, Any]], a: argparse.Namespace,
+                precision: str, tmp: Path) -> list[dict[str, Any]]:
+    """Padding share and trained tokens/s of random vs length-grouped batches, one epoch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from nlgen.finetune.chat import end_of_turn_ids
+    from nlgen.finetune.examples import prepare_examples, read_records
+    from nlgen.finetune.options import FinetuneOptions
+    from nlgen.inputs import check_sources
+
+    path = tmp / "chats.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    opts = FinetuneOptions(data=(str(path),), validation_split=0.0)
+    records = read_records(check_sources([str(path)], None), [], ["messages"], [], False)
+    data = prepare_examples(records, opts, tokenizer, 1024, end_of_turn_ids(model), "messages")
+    lengths = [len(x) for x in data.train["input_ids"]]
+    gen = torch.Generator().manual_seed(a.seed)
+    orders = {"random batches": torch.randperm(len(lengths), generator=gen).tolist(),
+              "like-length batches (nlgen)": list(LengthGroupedSampler(
+                  a.batch_size, lengths=lengths, generator=gen))}
+    opt = torch.optim.AdamW(model.parameters(), lr=a.learning_rate, fused=True)
+    model.train()
+
+    def step(b: list[int]) -> int:
+        batch = data.collator([data.train[j] for j in b])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return int((batch["labels"] != -100).sum())
+
+    step(orders["random batches"][:a.batch_size])  # warm-up: allocators, optimizer states
+    rows = []
+    for name, order in orders.items():
+        batches = [order[i:i + a.batch_size] for i in range(0, len(order), a.batch_size)]
+        real = sum(lengths)
+        padded = sum(max(lengths[j] for j in b) * len(b) for b in batches)
+        started = time.perf_counter()
+        trained = sum(step(b) for b in batches)
+        took = time.perf_counter() - started
+        rows.append({"name": name, "examples": len(lengths), "tokens": real, "padded": padded,
+                     "pad_share": 1 - real / padded, "s": took, "tok_s": real / took,
+                     "trained_tok_s": trained / took})
+    return rows
+
+
+def load() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin")
     p.add_argument("--data", default=str(ROOT / "examples" / "data" / "garden.txt"))
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-steps", type=int, default=15)
+    p.add_argument("--max-steps", type=int, default=8, help="steps of the throughput runs")
+    p.add_argument("--loss-steps", type=int, default=30, help="steps of the validation-loss "
+                   "runs (0: skip them)")
+    p.add_argument("--chats", type=int, default=48, help="synthetic conversations of the "
+                   "padding section (0: skip it)")
     p.add_argument("--learning-rate", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=1, help="alternating runs of each side")
-    p.add_argument("--bf16", action="store_true", help="also run both sides in bf16 autocast")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--out", help="write the markdown report here too")
     a = p.parse_args()
 
+    from nlgen.models.devices import cpu_has_fast_bf16
     from nlgen.models.gguf import converted_dir
     from nlgen.models.spec import resolve_spec
 
@@ -173,46 +269,76 @@ def main() -> None:
                     else spec.path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "NO_COLOR": "1"}
+    loads = {"start": load()}
     rows: list[dict] = []
+    losses: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmpdir:
         tmp = Path(tmpdir)
         # Enough text that no run wraps into a second epoch: an epoch's last batch is short,
         # and a short batch would make the two sides' steps unequal work.
         text = Path(a.data).read_text(encoding="utf-8")
-        need = a.max_steps * a.batch_size * a.block_size * 6  # ~4 characters a token, and slack
+        steps = max(a.max_steps, a.loss_steps)
+        need = steps * a.batch_size * a.block_size * 6  # ~4 characters a token, and slack
         data = tmp / Path(a.data).name
         data.write_text("\n".join([text] * -(-need // len(text))), encoding="utf-8")
-        a.data = str(data)
         data_bytes = data.stat().st_size
         env["HF_DATASETS_CACHE"] = str(tmp / "datasets")  # both sides tokenize from scratch
         for i in range(a.repeats):
-            pair = [lambda: run_nlgen(model_dir, a.data, a, env, tmp, "fp32"),
-                    lambda: run_clm(model_dir, a.data, a, env, tmp, bf16=False)]
-            if a.bf16:
-                pair += [lambda: run_nlgen(model_dir, a.data, a, env, tmp, "bf16"),
-                         lambda: run_clm(model_dir, a.data, a, env, tmp, bf16=True)]
+            trio = [lambda: run_nlgen(model_dir, str(data), a, env, tmp, "auto", a.max_steps),
+                    lambda: run_clm(model_dir, str(data), a, env, tmp, bf16=False),
+                    lambda: run_nlgen(model_dir, str(data), a, env, tmp, "fp32", a.max_steps)]
             # Alternate who goes first: a neighbour's load then hits both sides alike.
-            for run in (pair if i % 2 == 0 else pair[::-1]):
+            for run in (trio if i % 2 == 0 else trio[::-1]):
                 rows.append(run())
-    profile = [] if a.no_profile else profile_step(model_dir, a)
+        loads["throughput"] = load()
+        if a.loss_steps:
+            for precision in ("fp32", "auto"):
+                losses.append(run_nlgen(model_dir, str(data), a, env, tmp, precision,
+                                        a.loss_steps, split=0.05))
+            loads["loss"] = load()
+        padding = []
+        if a.chats:
+            texts = [text, (ROOT / "tests" / "data" / "corpus.txt").read_text(encoding="utf-8")]
+            padding = padding_run(model_dir, synthetic_chats(texts, a.chats, a.seed), a,
+                                  "bf16" if cpu_has_fast_bf16() else "fp32", tmp)
+            loads["padding"] = load()
+    profiles = [] if a.no_profile else [(bf16, profile_step(model_dir, a, bf16))
+                                         for bf16 in (False, True)]
+    loads["end"] = load()
+    report = render(a, model_dir, data_bytes, rows, losses, padding, profiles, loads,
+                    cpu_has_fast_bf16())
+    print(report)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(report, encoding="utf-8")
 
+
+def render(a: argparse.Namespace, model_dir: str, data_bytes: int, rows: list[dict],
+           losses: list[dict], padding: list[dict], profiles: list, loads: dict[str, str],
+           fast_bf16: bool) -> str:
     lines = [
-        "# nlgen finetune vs the run_clm.py recipe",
+        "# nlgen finetune vs a plain Trainer script (the run_clm.py recipe)",
         "",
         "```",
         "$ " + shlex.join([".venv/bin/python", "benchmarks/bench_finetune.py", *sys.argv[1:]]),
         "```",
         "",
-        f"Model {a.model} ({model_dir}), data {Path(a.data).name}, block {a.block_size}, "
-        f"batch {a.batch_size}, {a.max_steps} steps, lr {a.learning_rate}, seed {a.seed}; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {_v('torch')}, transformers {_v('transformers')}. "
-        f"The text is repeated to {data_bytes:,} bytes so that "
-        "no run wraps into a second epoch (its short last batch would make steps unequal). "
-        "Each row is a fresh process. tokens/s = tokens trained (the Trainer's "
-        "num_input_tokens_seen) / Trainer train_runtime; "
-        "wall = the whole process (imports, model load, tokenization, training, saving); "
-        "peak RSS = the process's max resident memory.",
+        f"Model {a.model} ({Path(model_dir).name}), data {Path(a.data).name} repeated to "
+        f"{data_bytes:,} bytes (no run wraps into a second epoch), block {a.block_size}, batch "
+        f"{a.batch_size}, lr {a.learning_rate}, seed {a.seed}; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, native "
+        f"bfloat16 {'yes' if fast_bf16 else 'no'} (AVX512-BF16 or AMX), "
+        f"torch {_v('torch')}, transformers {_v('transformers')}.",
+        "",
+        "Machine load (uptime) while it ran:",
+        "",
+        *[f"- {k}: `{v}`" for k, v in loads.items()],
+        "",
+        f"## 1. Throughput: {a.max_steps} steps, no validation, fresh processes, alternating",
+        "",
+        "tokens/s = tokens trained (the Trainer's num_input_tokens_seen) / Trainer "
+        "train_runtime; wall = the whole process (imports, model load, tokenization, "
+        "training, saving); peak RSS = the process's max resident memory.",
         "",
         "| run | tokens | train s | tokens/s | wall s | peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|",
@@ -221,26 +347,54 @@ def main() -> None:
         lines.append(f"| {r['name']} | {r['tokens']} | {r['train_s']:.1f} | {r['tok_s']:.0f} | "
                      f"{r['wall_s']:.1f} | {r['rss_mib']:.0f} |")
     names = list(dict.fromkeys(r["name"] for r in rows))
-    lines += ["", "Per side over the repeats (the machine is shared: the best run is the one "
-              "least disturbed by neighbours):", "",
-              "| run | runs | best tokens/s | median tokens/s | median peak RSS MiB |",
-              "|---|---:|---:|---:|---:|"]
-    for name in names:
-        mine = [r for r in rows if r["name"] == name]
-        lines.append(f"| {name} | {len(mine)} | {max(r['tok_s'] for r in mine):.0f} | "
-                     f"{statistics.median(r['tok_s'] for r in mine):.0f} | "
+    med = {n: statistics.median(r["tok_s"] for r in rows if r["name"] == n) for n in names}
+    best = {n: max(r["tok_s"] for r in rows if r["name"] == n) for n in names}
+    script = next(n for n in names if n.startswith("run_clm"))
+    lines += ["", "| run | runs | median tokens/s | best tokens/s | median ratio to the "
+              "script | median peak RSS MiB |", "|---|---:|---:|---:|---:|---:|"]
+    for n in names:
+        mine = [r for r in rows if r["name"] == n]
+        lines.append(f"| {n} | {len(mine)} | {med[n]:.0f} | {best[n]:.0f} | "
+                     f"{med[n] / med[script]:.2f}x | "
                      f"{statistics.median(r['rss_mib'] for r in mine):.0f} |")
-    if profile:
+    default = names[0]
+    lines += ["", f"**Ratio, nlgen finetune's default over the Trainer script (float32): "
+              f"{med[default] / med[script]:.2f}x median, {best[default] / best[script]:.2f}x "
+              "best.**"]
+    if losses:
+        lines += ["", f"## 2. Final validation loss: {a.loss_steps} steps, 5% held out", "",
+                  "Both losses measured in float32 by nlgen (with the KL against the base, "
+                  "after training). wall = the whole process; in nlgen = from the start of "
+                  "the run to the saved model; train = the Trainer's train_runtime.", "",
+                  "| run | loss before | loss after | KL from the base | tokens/s | train s | "
+                  "in nlgen s | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in losses:
+            lines.append(f"| {r['name']} | {r['loss']['before']:.4f} | "
+                         f"{r['loss']['after']:.4f} | {r['kl']:.4f} | {r['tok_s']:.0f} | "
+                         f"{r['train_s']:.1f} | {r['inside_s']:.1f} | {r['wall_s']:.1f} |")
+        f32, dflt = losses[0]["loss"]["after"], losses[1]["loss"]["after"]
+        lines += ["", f"**Final validation loss, default ({losses[1]['precision']}) vs "
+                  f"float32: {dflt:.4f} vs {f32:.4f}, {(dflt - f32) / f32:+.2%}.**"]
+    if padding:
+        lines += ["", f"## 3. Padding: {padding[0]['examples']} synthetic conversations, "
+                  f"batch {a.batch_size}, one epoch in-process", "",
+                  "| batches | tokens | tokens with padding | padding share | s | "
+                  "tokens/s (no padding) | trained tokens/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in padding:
+            lines.append(f"| {r['name']} | {r['tokens']} | {r['padded']} | "
+                         f"{r['pad_share']:.0%} | {r['s']:.1f} | {r['tok_s']:.0f} | "
+                         f"{r['trained_tok_s']:.0f} |")
+        lines += ["", f"Like-length batches: {padding[1]['tok_s'] / padding[0]['tok_s']:.2f}x "
+                  "the tokens/s of random ones."]
+    for bf16, profile in profiles:
         total = sum(t for _, t in profile)
-        lines += ["", f"Where one float32 training step's time goes (batch {a.batch_size}, "
-                  f"block {a.block_size}, in-process, mean of 4 steps; {total:.2f} s a step):",
-                  "", "| part | s | share |", "|---|---:|---:|"]
+        lines += ["", f"## {'4' if not bf16 else '4b'}. One training step, "
+                  f"{'bf16 autocast' if bf16 else 'float32'} (batch {a.batch_size}, block "
+                  f"{a.block_size}, in-process, mean of 3 steps): {total:.2f} s a step", "",
+                  "| part | s | share |", "|---|---:|---:|"]
         lines += [f"| {k} | {t:.3f} | {t / total:.0%} |" for k, t in profile]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(report, encoding="utf-8")
+    return "\n".join(lines) + "\n"
 
 
 def _v(dist: str) -> str:
