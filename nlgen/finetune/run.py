@@ -374,8 +374,9 @@ def resolve_precision(precision: str, device: str) -> tuple[str, bool]:
     ``auto`` is bf16 on a GPU that has it (else fp16), and on a CPU with native bfloat16
     arithmetic (AVX512-BF16 or AMX); else fp32. bf16 is mixed precision: the weights, their
     gradients and the optimizer stay float32, the matrix products run in bfloat16 (autocast).
-    Measured on the built-in model (README, benchmarks/bench_finetune.py): 1.4-1.6x the
-    tokens/s of float32 on such a CPU, the final validation loss within 0.5%.
+    Measured on the built-in model (README, benchmarks/bench_finetune.py): ~1.45x the
+    tokens/s of float32 on such a CPU; after 30 steps the validation loss on held-out text is
+    within 0.1% of float32's, on blocks also trained on (memorizing) 2.4% higher.
     """
     import torch
 
