@@ -1,10 +1,11 @@
-"""nlgen.engine.decode: the one-prompt loop gives generate()'s tokens and its distribution."""
+"""nlgen.engine.decode: nlgen's loop gives generate()'s tokens (greedy, and seeded sampling,
+single and in batches) and its distribution."""
 
 from __future__ import annotations
 
 import pytest
 
-from nlgen.engine import decode
+from nlgen.engine import choosing, decode
 from nlgen.engine.generation import generate
 from nlgen.engine.options import GenerationOptions
 from nlgen.engine.sampling import build_generation_config
@@ -96,44 +97,98 @@ def test_warp_is_generates_warped_distribution(fields):
     scores = torch.randn(1, 400) * 3
     scores[0, :8] = scores[0, 8]  # ties, at the top-k boundary for small k
     expected = build_warpers(config)(None, scores.clone()).softmax(dim=-1)[0]  # (V,)
-    probs, indices = decode.warp(scores, config)
+    probs, indices = choosing.warp(scores, config)
     got = torch.zeros_like(expected).index_put_((indices,), probs)
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.parametrize("rows,seeded,opts", [
-    (2, False, GenerationOptions(greedy=True)),
-    (1, True, GenerationOptions()),
-    (1, False, GenerationOptions(num_beams=2)),
-    (1, False, GenerationOptions(num_return_sequences=2)),
-    (1, False, GenerationOptions(typical_p=0.9)),
-    (1, False, GenerationOptions(max_time=5.0)),
-    (1, False, GenerationOptions(extra=(("output_scores", True),
-                                        ("return_dict_in_generate", True)))),
-], ids=["batch", "seed", "beams", "sequences", "typical", "max-time", "scores"])
-def test_other_requests_keep_generate(tiny_lm, rows, seeded, opts):
+@pytest.mark.parametrize("opts", [
+    GenerationOptions(num_beams=2),
+    GenerationOptions(max_time=5.0),
+    GenerationOptions(extra=(("output_scores", True), ("return_dict_in_generate", True))),
+], ids=["beams", "max-time", "scores"])
+def test_other_requests_keep_generate(tiny_lm, opts):
     config = build_generation_config(tiny_lm, opts)
-    assert decode.runner(tiny_lm, config, rows=rows, seeded=seeded) is None
+    assert decode.runner(tiny_lm, config, rows=1) is None
 
 
-def test_logprobs_and_seeded_sampling_keep_generate_but_seeded_greedy_does_not(tiny_lm):
-    sampled = build_generation_config(tiny_lm, GenerationOptions(seed=3))
-    greedy = build_generation_config(tiny_lm, GenerationOptions(greedy=True, seed=3))
-    assert decode.runner(tiny_lm, greedy, rows=1, logprobs=True) is None
-    assert decode.runner(tiny_lm, sampled, rows=1, seeded=True) is None
-    assert decode.runner(tiny_lm, greedy, rows=1, seeded=True) is not None
+@pytest.mark.parametrize("opts", [
+    GenerationOptions(greedy=True), GenerationOptions(seed=3),
+    GenerationOptions(num_return_sequences=2), GenerationOptions(typical_p=0.9),
+    GenerationOptions(min_p=0.05), GenerationOptions(greedy=True, logprobs=2),
+], ids=["batch", "seed", "sequences", "typical", "min-p", "logprobs"])
+def test_batches_seeds_sequences_and_all_warpers_take_the_lean_loop(tiny_lm, opts):
+    config = build_generation_config(tiny_lm, opts)
+    assert decode.runner(tiny_lm, config, rows=3, seed=opts.seed) is not None
 
 
-def test_generate_takes_the_lean_loop_for_one_prompt(tiny_lm, monkeypatch):
+def _batch(lm, prompts):
+    lm.tokenizer.padding_side = "left"
+    encoded = lm.tokenizer(prompts, return_tensors="pt", padding=True)
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+@pytest.mark.parametrize("model", ["tiny_lm", "llama_lm"])
+@pytest.mark.parametrize("opts", [
+    GenerationOptions(greedy=True, repetition_penalty=1.2),
+    GenerationOptions(seed=11, num_return_sequences=2),
+    GenerationOptions(seed=5, top_k=0, top_p=0.8, temperature=0.9, no_repeat_ngram_size=3),
+    GenerationOptions(seed=2, min_p=0.02, typical_p=0.95),
+], ids=["greedy", "seeded-n2", "seeded-top-p", "seeded-min-p-typical"])
+def test_a_batch_gives_each_prompt_its_own_tokens_as_seeded_generate(request, model, opts):
+    """Each prompt of a left-padded batch gets, from nlgen's loop, the tokens nlgen's seeded
+    generate() gives it alone (float32): the same processors, warpers and random stream."""
+    import torch
+
+    from nlgen.engine.sampling import seeded_generate
+
+    lm = request.getfixturevalue(model)
+    config = build_generation_config(lm, opts)
+    ids, mask = _batch(lm, PROMPTS)
+    run = decode.runner(lm, config, rows=len(PROMPTS), seed=opts.seed, indices=[4, 7, 9])
+    with torch.inference_mode():
+        got = run(input_ids=ids, attention_mask=mask, generation_config=config,
+                  max_new_tokens=24)
+    n = opts.num_return_sequences
+    for b, (index, prompt) in enumerate(zip([4, 7, 9], PROMPTS)):
+        alone, alone_mask = _ids(lm, prompt)
+        with torch.inference_mode():
+            want = seeded_generate(lm.model, alone, alone_mask, generation_config=config,
+                                   seed=opts.seed, indices=[index], max_new_tokens=24)
+        for s in range(n):
+            new = got[b * n + s, ids.shape[1]:].tolist()
+            expected = want[s, alone.shape[1]:].tolist()
+            pad = config.pad_token_id
+            assert new[:len(expected)] == expected, (prompt, s)
+            assert all(t == pad for t in new[len(expected):])
+
+
+def test_logprobs_come_from_the_raw_logits_as_generate_gives_them(tiny_lm):
+    import torch
+
+    config = build_generation_config(tiny_lm, GenerationOptions(greedy=True))
+    ids, mask = _batch(tiny_lm, PROMPTS)
+    run = decode.runner(tiny_lm, config, rows=len(PROMPTS))
+    kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 6,
+              "output_logits": True, "return_dict_in_generate": True}
+    with torch.inference_mode():
+        got = run(generation_config=config, **kwargs)
+        want = tiny_lm.model.generate(generation_config=config, **kwargs)
+    assert got.sequences.tolist() == want.sequences.tolist()
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        torch.testing.assert_close(a, b.float(), atol=1e-4, rtol=1e-4, msg=f"step {step}")
+
+
+def test_generate_takes_the_lean_loop_for_prompts_and_batches(tiny_lm, monkeypatch):
     calls = []
     real = decode.decode
 
     def spy(*args, **kwargs):
-        calls.append(kwargs["max_new_tokens"])
+        calls.append(kwargs["input_ids"].shape[0])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(decode, "decode", spy)
     opts = GenerationOptions(greedy=True, max_new_tokens=7)
     [one] = generate(tiny_lm, ["The quick"], opts)
     two = list(generate(tiny_lm, ["The quick", "Once"], opts))
-    assert calls == [7] and two[0].completion == one.completion
+    assert calls == [1, 2] and two[0].completion == one.completion

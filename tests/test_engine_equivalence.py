@@ -23,7 +23,7 @@ import logging
 
 import pytest
 
-from nlgen.engine import decode, lean_gpt2, lean_llama, lean_weights
+from nlgen.engine import decode, lean_gpt2, lean_llama, lean_weights, slots
 from nlgen.engine.options import ENGINES, GenerationOptions
 from nlgen.errors import EXIT_FAILURE, EXIT_USAGE, ModelError, UsageError
 from nlgen.models.loading import LoadedModel
@@ -141,7 +141,7 @@ def test_greedy_64_tokens_equal_generate(name, dtype):
     assert got.tolist() == expected.tolist()
     assert len(set(got[0, ids.shape[1]:].tolist())) > 8  # a real text, not one token repeated
     family = lean_weights.GPT2Weights if SERVED[name][0] == "gpt2" else lean_weights.Weights
-    assert isinstance(decode._made.get(model), family)  # the lean forward ran
+    assert isinstance(slots._made.get(model), family)  # the lean forward ran
 
 
 @pytest.mark.parametrize("name", list(SERVED))
@@ -222,7 +222,7 @@ def test_what_it_does_not_compute_goes_to_generate_with_the_reason(name, caplog)
         in caplog.messages
     with pytest.raises(ModelError, match=f"--engine nlgen cannot run this: {why}"):
         decode.runner(lm, greedy_config(), rows=1, engine="nlgen")
-    assert lm.model not in decode._made
+    assert lm.model not in slots._made
 
 
 def test_a_layer_that_is_not_transformers_own_is_refused():
@@ -253,19 +253,17 @@ def test_engine_choices(caplog):
         assert decode.runner(lm, greedy_config(), rows=1, engine="transformers") is None
         assert decode.runner(lm, greedy_config(), rows=1) is not None
         assert decode.runner(lm, beams, rows=1) is None
-        assert decode.runner(lm, greedy_config(), rows=3) is None
+        assert decode.runner(lm, greedy_config(), rows=3) is not None  # batches too
     assert caplog.messages == [
         "engine: transformers' generate() (--engine transformers)",
         "engine: nlgen's loop with the lean GPT-2 forward",
         "engine: transformers' generate(), as nlgen's loop cannot run this: generation "
-        "setting num_beams=2",
-        "engine: transformers' generate(), as nlgen's loop cannot run this: a batch of 3 "
-        "prompts (the loop decodes one at a time)"]
-    for config, rows, logprobs, why in ((greedy_config(), 2, False, "a batch of 2"),
-                                        (greedy_config(), 1, True, "--logprobs"),
-                                        (beams, 1, False, "num_beams=2")):
+        "setting num_beams=2"]
+    timed = greedy_config()
+    timed.max_time = 5.0
+    for config, why in ((beams, "num_beams=2"), (timed, "max_time=5.0")):
         with pytest.raises(UsageError, match=f"--engine nlgen cannot run this: .*{why}"):
-            decode.runner(lm, config, rows=rows, logprobs=logprobs, engine="nlgen")
+            decode.runner(lm, config, rows=1, engine="nlgen")
     with pytest.raises(UsageError, match="invalid --engine 'fast'"):
         GenerationOptions(engine="fast")
 
@@ -352,11 +350,13 @@ def test_cli_engines_give_the_same_text_and_say_which_ran(cli, tiny_model):
     lean = cli(*base, "--engine", "nlgen", "The fox", "A cat")
     plain = cli(*base, "--engine", "transformers", "The fox", "A cat")
     auto = cli(*base, "-b", "2", "The fox", "A cat")
+    beams = cli(*base, "--num-beams", "2", "The fox")
     assert lean.exit_code == plain.exit_code == auto.exit_code == 0, lean.stderr + plain.stderr
     assert lean.stdout == plain.stdout == auto.stdout
     assert "engine: nlgen's loop with the lean GPT-2 forward" in lean.stderr
     assert "engine: transformers' generate() (--engine transformers)" in plain.stderr
-    assert "as nlgen's loop cannot run this: a batch of 2 prompts" in auto.stderr
+    assert "engine: nlgen's loop with the lean GPT-2 forward" in auto.stderr  # a batch too
+    assert "as nlgen's loop cannot run this: generation setting num_beams=2" in beams.stderr
 
 
 def test_cli_engine_nlgen_says_why_it_cannot(cli, tiny_model, tmp_path):

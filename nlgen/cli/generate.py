@@ -141,8 +141,9 @@ def generate(
     dtype: DtypeOpt = Dtype.auto,
     quantize: QuantizeOpt = Quantize.auto,
     engine: Annotated[Engine, typer.Option(
-        "--engine", help="auto: nlgen's one-prompt loop (a lean GPT-2 / Llama / Qwen2 forward, "
-        "the same tokens as generate()) where it can run the model and options, else "
+        "--engine", help="auto: nlgen's loop (a lean GPT-2 / Llama / Qwen2 forward, each sequence "
+        "in its own cache slot; the same tokens as generate()) where it can run the model "
+        "and options, else "
         "transformers' generate(); nlgen: that loop, or an error saying why not; "
         "transformers: generate() always. -v says which ran.")] = Engine.auto,
     trust_remote_code: TrustRemoteCodeOpt = False,

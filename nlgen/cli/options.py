@@ -38,7 +38,7 @@ class Quantize(str, Enum):
 
 
 class Engine(str, Enum):
-    """generate --engine: auto, nlgen's one-prompt loop where it runs, else transformers'."""
+    """generate --engine: auto, nlgen's loop where it runs, else transformers'."""
 
     auto = "auto"
     nlgen = "nlgen"

@@ -1,20 +1,21 @@
-"""A lean decode loop for one prompt: the model's forward with a KV cache, the choice made here.
+"""nlgen's decode loop: prompts in, generate()'s output out, on a lean forward.
 
 ``generate()`` prepares each step through general machinery (input preparation, cache and mask
 bookkeeping, stopping criteria, a logits processor list whose top-p warper sorts the whole
-49k vocabulary at every step). For the common case, one prompt and one sequence with plain
-sampling or greedy decoding, this loop does the same arithmetic with less around it: a lean
-forward of the model (nlgen.engine.lean_gpt2 for GPT-2, lean_llama for the Llama family),
-float32 logits, the same processors for the penalties, and top-k / top-p computed on the k
-candidates instead of the vocabulary.
+49k vocabulary at every step). For the requests this loop knows, it does the same arithmetic
+with less around it: a lean forward of the model (nlgen.engine.lean_gpt2 for GPT-2, lean_llama
+for the Llama family), each sequence in its own slot of the cache (nlgen.engine.slots: no
+padding, so a prompt gets the same tokens alone and in a batch), float32 logits, and per
+sequence generate()'s processors and warpers with a seeded Gumbel-max draw
+(nlgen.engine.choosing). It takes generate()'s arguments and returns what generate() returns,
+so the rest of generation does not know which loop ran.
 
-Greedy decoding gives the same tokens as ``generate()`` (tests/test_decode.py,
-tests/test_engine_equivalence.py). Sampling draws from the same distribution, but not the same
-tokens for a given torch seed (the multinomial runs over k candidates, not the vocabulary), so
-seeded runs keep ``generate()``; so does every configuration this loop does not know, and every
-model without a lean forward (:func:`runner` decides, from the resolved config and the model;
-``--engine`` can insist on either side). Measurements: benchmarks/bench_generate.py, README
-"Benchmarks".
+Greedy decoding gives the same tokens as ``generate()``, and seeded sampling the same tokens as
+nlgen's seeded ``generate()`` (nlgen.engine.sampling), in float32 (tests/test_decode.py,
+tests/test_engine_equivalence.py). Beam search, ``max_time``, output scores and every model
+without a lean forward keep ``generate()`` (:func:`runner` decides, from the resolved config and
+the model; ``--engine`` can insist on either side). Measurements: benchmarks/bench_generate.py,
+README "Benchmarks".
 
 torch and transformers are imported inside the functions that use them.
 """
@@ -25,6 +26,7 @@ import inspect
 import logging
 import weakref
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from nlgen.engine import sampling
@@ -32,18 +34,19 @@ from nlgen.errors import ModelError, NlgenError, UsageError
 
 log = logging.getLogger("nlgen")
 
-# Fields this loop implements, with generate()'s semantics.
-HANDLED = {"do_sample", "temperature", "top_k", "top_p", "min_new_tokens", "repetition_penalty",
-           "no_repeat_ngram_size"}
-# Fields that do not change a single-sequence, non-beam decode (or that we pass ourselves).
+# Fields this loop implements, with generate()'s semantics (nlgen.engine.choosing).
+HANDLED = {"do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "top_h",
+           "epsilon_cutoff", "eta_cutoff", "min_new_tokens", "min_length",
+           "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
+           "num_return_sequences"}
+# Fields that do not change a non-beam decode (or that we pass ourselves).
 IGNORED = {"max_length", "max_new_tokens", "use_cache", "pad_token_id", "bos_token_id",
            "eos_token_id", "decoder_start_token_id", "_from_model_config", "transformers_version",
            "early_stopping", "length_penalty", "num_assistant_tokens",
            "num_assistant_tokens_schedule", "assistant_confidence_threshold",
            "assistant_lookbehind", "target_lookbehind"}
 # Fields that must hold their neutral value; any other field that is set sends us to generate().
-NEUTRAL = {"min_length": 0, "num_beams": 1, "num_return_sequences": 1, "typical_p": 1.0,
-           "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
+NEUTRAL = {"num_beams": 1, "encoder_repetition_penalty": 1.0,
            "encoder_no_repeat_ngram_size": 0, "remove_invalid_values": False,
            "output_attentions": False, "output_hidden_states": False, "output_scores": False,
            "output_logits": False, "return_dict_in_generate": False, "diversity_penalty": 0.0,
@@ -58,16 +61,16 @@ def unsupported(config: Any) -> list[str]:
             and not (k in NEUTRAL and v == NEUTRAL[k])]
 
 
-def runner(lm: Any, config: Any, *, rows: int, seeded: bool = False, logprobs: bool = False,
-           engine: str = "auto") -> Callable[..., Any] | None:
-    """``decode`` bound to the loaded model ``lm`` when it can run this request, else None
+def runner(lm: Any, config: Any, *, rows: int = 1, seed: int | None = None,
+           indices: list[int] | None = None, engine: str = "auto",
+           ) -> Callable[..., Any] | None:
+    """:func:`decode` bound to the loaded model ``lm`` when it can run this request, else None
     (use generate()).
 
-    ``rows`` is the number of prompts in the batch: only one is decoded here (a batch amortizes
-    generate()'s overhead over its rows anyway). A seeded sampling run keeps generate()'s
-    per-prompt random streams (nlgen.engine.sampling); ``logprobs`` needs generate()'s step
-    logits. The model must have a lean forward (:func:`lean_reason`): an architecture or config
-    nlgen does not know goes to generate(), never to a guess. ``engine``: "auto" decides so;
+    ``rows``: the prompts in the batch (for the notice); ``seed`` and ``indices`` (each row's
+    prompt index) pick every sequence's random stream, as nlgen's seeded generate() does. The
+    model must have a lean forward (:func:`lean_reason`): an architecture or config nlgen does
+    not know goes to generate(), never to a guess. ``engine``: "auto" decides so;
     "transformers" always answers None; "nlgen" raises, naming why, where "auto" would fall back
     (UsageError for the request, ModelError for the model). -v says which ran, and why.
     """
@@ -75,7 +78,7 @@ def runner(lm: Any, config: Any, *, rows: int, seeded: bool = False, logprobs: b
         _notice(lm, "transformers' generate() (--engine transformers)")
         return None
     resolved = sampling.resolve_config(lm.generation_config, config)
-    why = _request_reason(resolved, rows=rows, seeded=seeded, logprobs=logprobs)
+    why = _request_reason(resolved)
     error: type[NlgenError] = UsageError
     if why is None:
         why, error = lean_reason(lm), ModelError
@@ -89,19 +92,13 @@ def runner(lm: Any, config: Any, *, rows: int, seeded: bool = False, logprobs: b
 
     def run(**kwargs: Any) -> Any:
         kwargs.pop("generation_config", None)  # `config`, resolved above
-        return decode(lm, generation_config=resolved, **kwargs)
+        return decode(lm, generation_config=resolved, seed=seed, indices=indices, **kwargs)
 
     return run
 
 
-def _request_reason(resolved: Any, *, rows: int, seeded: bool, logprobs: bool) -> str | None:
+def _request_reason(resolved: Any) -> str | None:
     """What in a request only generate() does, in the user's terms; None: the loop does it."""
-    if rows != 1:
-        return f"a batch of {rows} prompts (the loop decodes one at a time)"
-    if logprobs:
-        return "--logprobs (generate()'s step scores)"
-    if seeded and resolved.do_sample:
-        return "--seed with sampling (per-prompt random streams)"
     fields = unsupported(resolved)
     if fields:
         return "generation setting " + ", ".join(f"{k}={getattr(resolved, k)!r}"
@@ -146,46 +143,79 @@ def _notice(lm: Any, what: str) -> None:
 
 def decode(lm: Any, *, input_ids: Any, generation_config: Any, max_new_tokens: int,
            attention_mask: Any = None, streamer: Any = None, stopping_criteria: Any = None,
+           seed: int | None = None, indices: list[int] | None = None,
+           output_logits: bool = False, return_dict_in_generate: bool = False,
            **_: Any) -> Any:
-    """Decode one sequence; return it with the prompt, as ``generate()`` does: (1, T + new).
+    """Decode every prompt of a left-padded batch as ``generate()`` does, and return what it
+    returns: (B * num_return_sequences, T + new) ids, rows p0s0, p0s1, ..., a finished row
+    padded with ``pad_token_id``; with ``output_logits`` and ``return_dict_in_generate``, an
+    object with ``sequences`` and ``logits`` (a tuple of (B * n, V) raw logits, one a step).
 
     ``generation_config`` must be resolved (:func:`sampling.resolve_config`) and pass
-    :func:`unsupported`. Stops at an EOS token (kept), after ``max_new_tokens``, or when
-    ``stopping_criteria`` (generate()'s kind: ``(ids, scores) -> (1,) bool``, called after
-    each new token as generate() calls it) says so.
+    :func:`unsupported`. A row stops at an EOS token (kept), after ``max_new_tokens``, or when
+    ``stopping_criteria`` (generate()'s kind: ``(ids, scores) -> (B * n,) bool``, called on
+    the whole batch after each step, as generate() calls it) says so. ``streamer`` (one prompt,
+    one sequence) gets the prompt, then each token. With ``seed``, sequence s of prompt row b
+    draws from ``sampling.row_seed(seed, indices[b], s)``.
     """
     import torch
 
+    from nlgen.engine.choosing import Chooser, as_list
+    from nlgen.engine.slots import Slots
+
     config = generation_config
-    if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
-        raise ValueError("decode() takes one unpadded prompt")
-    processors = _processors(config, input_ids.shape[1])
-    eos = _as_list(config.eos_token_id)
-    step = stepper(lm, input_ids.shape[1] + max_new_tokens)
+    n = config.num_return_sequences or 1
+    batch = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    prompts = [row[keep.bool()].tolist() for row, keep in zip(input_ids, attention_mask)]
+    indices = list(indices) if indices is not None else list(range(batch))
+    eos = set(as_list(config.eos_token_id))
+    pad = config.pad_token_id if config.pad_token_id is not None else next(iter(eos), 0)
+    rows = [(b, s) for b in range(batch) for s in range(n)]  # generate()'s row order
+    slots = Slots(lm, len(rows), max(map(len, prompts)) + max_new_tokens)
+    choosers, tokens = [], []  # per row: its Chooser; its prompt and new tokens
+    logits = []  # per row: (1, V) logits of its next token
+    for r, (b, s) in enumerate(rows):
+        if s == 0:
+            logits.append(slots.prefill(r, prompts[b]))
+        else:  # the prompt again: its cache is the first sequence's
+            slots.copy(r - s, r)
+            logits.append(logits[r - s])
+        row_seed = None if seed is None else sampling.row_seed(seed, indices[b], s)
+        choosers.append(Chooser(config, len(prompts[b]), row_seed))
+        tokens.append(list(prompts[b]))
+    output = input_ids.repeat_interleave(n, dim=0)  # (B * n, T + generated)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    tokens = input_ids  # (1, T + generated)
-    step_input = input_ids
-    position = 0
+    step_logits = []
+    live = list(range(len(rows)))
+    scores = torch.cat(logits)  # (B * n, V)
     for _ in range(max_new_tokens):
-        scores = step(step_input, position)  # (1, V) float32
-        position += step_input.shape[1]
-        scores = processors(tokens, scores)
-        if config.do_sample:
-            token = sample(scores, config)  # (1,)
-        else:
-            token = torch.argmax(scores, dim=-1)  # (1,)
-        step_input = token[:, None]  # (1, 1)
-        tokens = torch.cat([tokens, step_input], dim=-1)
+        if output_logits:
+            step_logits.append(scores.clone())
+        chosen = [pad] * len(rows)
+        for r in live:
+            chosen[r] = choosers[r](tokens[r], scores[r:r + 1])
+            tokens[r].append(chosen[r])
+        step = torch.tensor(chosen)  # (B * n,)
+        output = torch.cat([output, step[:, None]], dim=-1)
         if streamer is not None:
-            streamer.put(token.cpu())
-        if int(token) in eos:
+            streamer.put(step[:1].cpu())
+        done = {r for r in live if chosen[r] in eos}
+        if stopping_criteria is not None:
+            stopped = stopping_criteria(output, scores)  # (B * n,) bool
+            done |= {r for r in live if bool(stopped[r])}
+        live = [r for r in live if r not in done]
+        if not live:
             break
-        if stopping_criteria is not None and bool(stopping_criteria(tokens, scores).any()):
-            break
+        stepped = slots.step({r: chosen[r] for r in live})  # (S, V), row r: slot r
+        scores[:stepped.shape[0]] = stepped
     if streamer is not None:
         streamer.end()
-    return tokens
+    if output_logits and return_dict_in_generate:
+        return SimpleNamespace(sequences=output, logits=tuple(step_logits))
+    return output
 
 
 def stepper(lm: Any, max_len: int) -> Callable[[Any, int], Any]:
@@ -198,13 +228,10 @@ def stepper(lm: Any, max_len: int) -> Callable[[Any, int], Any]:
     """
     import torch
 
-    from nlgen.engine import lean_gpt2, lean_llama, lean_weights
+    from nlgen.engine.slots import Slots
 
     if lean_reason(lm) is None:
-        weights = lm.lean if lm.lean is not None else _from_model(lm.model)
-        if isinstance(weights, lean_weights.GPT2Weights):
-            return lean_gpt2.LeanGPT2(weights, max_len).step
-        return lean_llama.LeanLlama(weights, max_len).step
+        return Slots(lm, 1, max_len).forward.step
     from transformers import DynamicCache
 
     model = lm.model
@@ -220,82 +247,3 @@ def stepper(lm: Any, max_len: int) -> Callable[[Any, int], Any]:
         return logits[:, -1].to(dtype=torch.float32)  # (1, V), as generate() upcasts
 
     return step
-
-
-# A loaded model -> its lean weights, made once (fused int4 weights are copies) and let go
-# with the model. Kept here, not in LoadedModel.lean (the weights read from files, which
-# stand in for a model not built yet).
-_made: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-
-
-def _from_model(model: Any) -> Any:
-    from nlgen.engine import lean_weights
-
-    if model not in _made:
-        _made[model] = lean_weights.from_model(model)
-    return _made[model]
-
-
-def _as_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    return list(value) if isinstance(value, (list, tuple)) else [int(value)]
-
-
-def _processors(config: Any, prompt_length: int) -> Any:
-    """generate()'s processors that come before its warpers, for the fields in HANDLED."""
-    from transformers import generation as g
-
-    processors = g.LogitsProcessorList()
-    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
-        processors.append(g.RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
-    if config.no_repeat_ngram_size:
-        processors.append(g.NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
-    eos = _as_list(config.eos_token_id)
-    if config.min_new_tokens and eos:
-        processors.append(g.MinNewTokensLengthLogitsProcessor(prompt_length,
-                                                              config.min_new_tokens, eos))
-    return processors
-
-
-def warp(scores: Any, config: Any) -> tuple[Any, Any]:
-    """generate()'s warped distribution for one row: (probabilities, token ids), both (n,).
-
-    ``generate()`` applies temperature, top-k and top-p by masking the whole vocabulary, then
-    samples over all of it; here top-k keeps its candidates (and every token tied with the k-th,
-    as TopKLogitsWarper does), top-p applies TopPLogitsWarper's rule to them, and the
-    probabilities cover only those candidates.
-    """
-    import torch
-
-    scores = scores[0]  # (V,): one row
-    if config.temperature is not None and config.temperature != 1.0:
-        scores = scores / config.temperature
-    if config.top_k:
-        k = min(config.top_k, scores.shape[-1])
-        values, indices = torch.topk(scores, k)  # (k,), descending
-        tied = int((scores >= values[-1]).sum())
-        if tied > k:
-            values, indices = torch.topk(scores, tied)
-    else:
-        values, indices = torch.sort(scores, descending=True)  # (V,)
-    if config.top_p is not None and config.top_p < 1.0:
-        # TopPLogitsWarper: in ascending order, drop the tokens whose cumulative probability
-        # stays within 1 - top_p; always keep the most likely one.
-        ascending = values.flip(-1)
-        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1 - config.top_p)
-        drop[-1] = False
-        values = ascending.masked_fill(drop, -float("inf")).flip(-1)
-    return values.softmax(dim=-1), indices
-
-
-def sample(scores: Any, config: Any, generator: Any = None) -> Any:
-    """Draw one token, (1,), from :func:`warp`'s distribution (torch's global RNG by default)."""
-    import torch
-
-    probs, indices = warp(scores, config)
-    choice = torch.multinomial(probs, num_samples=1, generator=generator)  # (1,)
-    return indices[choice]

@@ -185,8 +185,7 @@ def _generate_seeded(lm: LoadedModel, source: Iterable[tuple[int, Prompt]],
 
     config = build_generation_config(lm, opts)
     lm.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
-    # --engine nlgen runs nlgen's one-prompt loop: prompts go one at a time.
-    batch_size = 1 if on_text or opts.engine == "nlgen" else opts.batch_size
+    batch_size = 1 if on_text else opts.batch_size
 
     def run_batch(batch: list[_Prepared]) -> list[list[Generation]]:
         with torch.inference_mode():
@@ -229,12 +228,14 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     beams = (config.num_beams or 1) > 1
     criteria = {"stopping_criteria": _criteria_list(
         stops.criteria(input_ids.shape[1], note=not beams))} if stops else {}
-    # One prompt with plain options: nlgen's lean loop (same tokens); otherwise generate(),
-    # where with --seed each prompt samples from its own stream (nlgen.engine.sampling).
-    lean = decode.runner(lm, config, rows=len(batch), seeded=opts.seed is not None,
-                         logprobs=opts.logprobs is not None, engine=opts.engine)
+    # nlgen's loop on a lean forward where it can run the model and the options (the same
+    # tokens); otherwise generate(). With --seed each sequence samples from its own stream
+    # (nlgen.engine.sampling) in either.
+    indices = [p.index for p in batch]
+    lean = decode.runner(lm, config, rows=len(batch), seed=opts.seed, indices=indices,
+                         engine=opts.engine)
     run = lean or functools.partial(seeded_generate, lm.model, seed=opts.seed,
-                                    indices=[p.index for p in batch])
+                                    indices=indices)
     started = time.perf_counter()
     try:
         output = run(

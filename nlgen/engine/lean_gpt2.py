@@ -61,10 +61,12 @@ def _conv(x: Any, layer: Any) -> Any:
 
 
 class LeanGPT2:
-    """``step(ids, position) -> logits``: the next-token logits (1, V) in float32 after the
-    prompt or token(s) ``ids`` (1, T) placed at ``position``; the cache holds ``max_len``."""
+    """``step(ids, position, slot) -> logits``: the next-token logits (1, V) in float32 after
+    the prompt or token(s) ``ids`` (1, T) of the sequence in ``slot``, placed at ``position``;
+    ``step_rows(ids, positions) -> logits``: (S, V) after one new token (S, 1) for each of the
+    first S slots, each at its own position (S,). The cache holds ``slots`` x ``max_len``."""
 
-    def __init__(self, weights: GPT2Weights, max_len: int) -> None:
+    def __init__(self, weights: GPT2Weights, max_len: int, slots: int = 1) -> None:
         config = weights.config
         if max_len > weights.wpe.shape[0]:
             raise ValueError(f"{max_len} positions exceed the model's {weights.wpe.shape[0]}")
@@ -72,29 +74,47 @@ class LeanGPT2:
         self.width = config.n_embd
         self.head_dim = config.n_embd // config.n_head
         self.cache = KVCache(len(weights.layers), config.n_head, max_len, self.head_dim,
-                             weights.wte.dtype)
+                             weights.wte.dtype, slots)
 
     def _norm(self, x: Any, norm: Any) -> Any:
         import torch.nn.functional as F
 
         return F.layer_norm(x, (self.width,), norm.weight, norm.bias, norm.eps)
 
-    def step(self, ids: Any, position: int) -> Any:
+    def step(self, ids: Any, position: int, slot: int = 0) -> Any:
         import torch
-        import torch.nn.functional as F
 
-        w = self.w
         length = ids.shape[1]
         mask = self.cache.mask(position, length)
         positions = torch.arange(position, position + length)[None]  # (1, T)
-        x = F.embedding(ids, w.wte) + F.embedding(positions, w.wpe)  # (1, T, H)
+
+        def attend(i: int, q: Any, k: Any, v: Any) -> Any:
+            return self.cache.attend(i, q, k, v, position, mask, self.w.scalings[i], slot)
+
+        return self._forward(ids, positions, attend)
+
+    def step_rows(self, ids: Any, positions: Any) -> Any:
+        mask, end = self.cache.rows_mask(positions)
+
+        def attend(i: int, q: Any, k: Any, v: Any) -> Any:
+            return self.cache.attend_rows(i, q, k, v, positions, mask, end, self.w.scalings[i])
+
+        return self._forward(ids, positions[:, None], attend)
+
+    def _forward(self, ids: Any, positions: Any, attend: Any) -> Any:
+        """The blocks over ``ids`` (B, T) at ``positions`` (B or 1, T), ``attend(i, q, k, v)``
+        storing k/v and attending; (B, V) logits of the last position."""
+        import torch.nn.functional as F
+
+        w = self.w
+        batch, length = ids.shape
+        x = F.embedding(ids, w.wte) + F.embedding(positions, w.wpe)  # (B, T, H)
         for i, block in enumerate(w.layers):
             attn, mlp = block.attn, block.mlp
             q, k, v = _conv(self._norm(x, block.ln_1), attn.c_attn).split(self.width, dim=2)
-            q, k, v = (t.view(1, length, -1, self.head_dim).transpose(1, 2)
-                       for t in (q, k, v))  # (1, heads, T, D) each
-            attended = self.cache.attend(i, q, k, v, position, mask, w.scalings[i])
-            x = _conv(attended, attn.c_proj) + x  # (1, T, H)
+            q, k, v = (t.view(batch, length, -1, self.head_dim).transpose(1, 2)
+                       for t in (q, k, v))  # (B, heads, T, D) each
+            x = _conv(attend(i, q, k, v), attn.c_proj) + x  # (B, T, H)
             x = x + _conv(mlp.act(_conv(self._norm(x, block.ln_2), mlp.c_fc)), mlp.c_proj)
-        ln_f = F.layer_norm(x[:, -1:], (self.width,), *w.ln_f, w.eps)  # (1, 1, H): last only
-        return w.head(ln_f)[:, -1].float()  # (1, V), as generate() upcasts
+        ln_f = F.layer_norm(x[:, -1:], (self.width,), *w.ln_f, w.eps)  # (B, 1, H): last only
+        return w.head(ln_f)[:, -1].float()  # (B, V), as generate() upcasts

@@ -62,17 +62,20 @@ def supports(model: Any) -> bool:
 
 
 class KVCache:
-    """Every layer's keys and values for one sequence, preallocated for the whole request, and
-    attention over them as transformers' SDPA path computes it."""
+    """Every layer's keys and values for ``slots`` sequences, each in its own slot (row),
+    preallocated for ``max_len`` positions, and attention over them as transformers' SDPA
+    path computes it: one sequence at a time (:meth:`attend`: a prompt, or one token) or one
+    new token for each of the first S slots at its own position (:meth:`attend_rows`)."""
 
     def __init__(self, layers: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: Any) -> None:
+                 dtype: Any, slots: int = 1) -> None:
         import torch
 
-        shape = (layers, 1, kv_heads, max_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype)  # (layers, 1, KV, L, D)
+        shape = (layers, slots, kv_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype)  # (layers, slots, KV, L, D)
         self.values = torch.zeros(shape, dtype=dtype)
         self.max_len = max_len
+        self.slots = slots
 
     def mask(self, position: int, length: int) -> Any:
         """The attention mask for ``length`` tokens placed at ``position``: None where SDPA's
@@ -90,27 +93,73 @@ class KVCache:
         return torch.arange(end)[None, :] <= rows  # (T, end)
 
     def attend(self, i: int, q: Any, k: Any, v: Any, position: int, mask: Any,
-               scale: float) -> Any:
-        """Store layer ``i``'s k, v (1, KV, T, D) at ``position``; attend q (1, heads, T, D)
-        to the cache up to the last of them. Returns (1, T, heads * D)."""
-        import torch.nn.functional as F
-
+               scale: float, slot: int = 0) -> Any:
+        """Store layer ``i``'s k, v (1, KV, T, D) at ``position`` of ``slot``; attend q
+        (1, heads, T, D) to the slot's cache up to the last of them. Returns (1, T, heads*D)."""
         length = q.shape[2]
         end = position + length
-        self.keys[i, :, :, position:end] = k
-        self.values[i, :, :, position:end] = v
-        attended = F.scaled_dot_product_attention(
-            q, self.keys[i, :, :, :end], self.values[i, :, :, :end], attn_mask=mask,
-            scale=scale, is_causal=mask is None and length > 1,
-            enable_gqa=q.shape[1] != k.shape[1])  # (1, heads, T, D)
+        keys = self.keys[i, slot:slot + 1]  # (1, KV, L, D)
+        values = self.values[i, slot:slot + 1]
+        keys[:, :, position:end] = k
+        values[:, :, position:end] = v
+        attended = sdpa(q, keys[:, :, :end], values[:, :, :end], mask=mask, scale=scale,
+                        causal=mask is None and length > 1)  # (1, heads, T, D)
         return attended.transpose(1, 2).reshape(1, length, -1)
+
+    def rows_mask(self, positions: Any) -> tuple[Any, int]:
+        """For one new token per slot at ``positions`` (S,): the (S, 1, 1, end) boolean mask
+        that lets each see its own slot's keys up to its position, and ``end``."""
+        import torch
+
+        end = int(positions.max()) + 1
+        if end > self.max_len:
+            raise ValueError(f"position {end} is past the cache ({self.max_len})")
+        mask = torch.arange(end)[None, :] <= positions[:, None]  # (S, end)
+        return mask[:, None, None, :], end
+
+    def attend_rows(self, i: int, q: Any, k: Any, v: Any, positions: Any, mask: Any, end: int,
+                    scale: float) -> Any:
+        """Store layer ``i``'s k, v (S, KV, 1, D) of slots 0..S-1, each at its own position
+        (S,); attend each q (S, heads, 1, D) to its slot's keys. Returns (S, 1, heads * D)."""
+        import torch
+
+        rows = q.shape[0]
+        keys, values = self.keys[i, :rows], self.values[i, :rows]  # (S, KV, L, D)
+        slots = torch.arange(rows)
+        keys[slots, :, positions] = k[:, :, 0]  # (S, KV, D) at (slot, :, position)
+        values[slots, :, positions] = v[:, :, 0]
+        attended = sdpa(q, keys[:, :, :end], values[:, :, :end], mask=mask, scale=scale,
+                        causal=False)  # (S, heads, 1, D)
+        return attended.transpose(1, 2).reshape(rows, 1, -1)
+
+
+def sdpa(q: Any, k: Any, v: Any, *, mask: Any, scale: float, causal: bool) -> Any:
+    """torch's scaled_dot_product_attention, with grouped-query heads (fewer k/v heads than
+    q heads) by its enable_gqa flag where this torch has it (nlgen.models.capabilities), else
+    by repeating k/v as transformers' repeat_kv does (the same numbers, more memory)."""
+    import torch.nn.functional as F
+
+    from nlgen.models import capabilities
+
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              is_causal=causal)
+    if capabilities.sdpa_gqa():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              is_causal=causal, enable_gqa=True)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          is_causal=causal)
 
 
 class LeanLlama:
-    """``step(ids, position) -> logits``: the next-token logits (1, V) in float32 after the
-    prompt or token(s) ``ids`` (1, T) placed at ``position``; the cache holds ``max_len``."""
+    """``step(ids, position, slot) -> logits``: the next-token logits (1, V) in float32 after
+    the prompt or token(s) ``ids`` (1, T) of the sequence in ``slot``, placed at ``position``;
+    ``step_rows(ids, positions) -> logits``: (S, V) after one new token (S, 1) for each of the
+    first S slots, each at its own position (S,). The cache holds ``slots`` x ``max_len``."""
 
-    def __init__(self, weights: Weights, max_len: int) -> None:
+    def __init__(self, weights: Weights, max_len: int, slots: int = 1) -> None:
         import torch
 
         config = weights.config
@@ -127,7 +176,7 @@ class LeanLlama:
         self.cos = (angles.cos() * weights.attention_scaling).to(self.dtype)
         self.sin = (angles.sin() * weights.attention_scaling).to(self.dtype)
         self.cache = KVCache(len(self.layers), config.num_key_value_heads, max_len,
-                             self.head_dim, self.dtype)
+                             self.head_dim, self.dtype, slots)
 
     def _rms(self, x: Any, weight: Any) -> Any:
         """LlamaRMSNorm: normalized in float32, scaled by the weight in the model's dtype."""
@@ -138,28 +187,49 @@ class LeanLlama:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x.to(dtype)
 
-    def step(self, ids: Any, position: int) -> Any:
-        import torch
-        import torch.nn.functional as F
-
+    def step(self, ids: Any, position: int, slot: int = 0) -> Any:
         length = ids.shape[1]
         mask = self.cache.mask(position, length)
         end = position + length
-        x = F.embedding(ids, self.embed)  # (1, T, H)
         cos = self.cos[position:end][None, None]  # (1, 1, T, D)
         sin = self.sin[position:end][None, None]
+        scale = self.head_dim ** -0.5
+
+        def attend(i: int, q: Any, k: Any, v: Any) -> Any:
+            return self.cache.attend(i, q, k, v, position, mask, scale, slot)
+
+        return self._forward(ids, cos, sin, attend)
+
+    def step_rows(self, ids: Any, positions: Any) -> Any:
+        mask, end = self.cache.rows_mask(positions)
+        cos = self.cos[positions][:, None, None]  # (S, 1, 1, D)
+        sin = self.sin[positions][:, None, None]
+        scale = self.head_dim ** -0.5
+
+        def attend(i: int, q: Any, k: Any, v: Any) -> Any:
+            return self.cache.attend_rows(i, q, k, v, positions, mask, end, scale)
+
+        return self._forward(ids, cos, sin, attend)
+
+    def _forward(self, ids: Any, cos: Any, sin: Any, attend: Any) -> Any:
+        """The layers over ``ids`` (B, T) with RoPE tables broadcastable to (B, 1, T, D) and
+        ``attend(i, q, k, v)`` storing k/v and attending; (B, V) logits of the last position."""
+        import torch
+        import torch.nn.functional as F
+
+        batch, length = ids.shape
+        x = F.embedding(ids, self.embed)  # (B, T, H)
         half = self.head_dim // 2
-        fused = length < quantized.DENSE_FROM  # the int4 kernel's range (models.quantized)
+        fused = batch * length < quantized.DENSE_FROM  # the int4 kernel's range
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(self._rms(x, layer.input_norm), fused)  # (1, T, ·) each
-            q = q.view(1, length, -1, self.head_dim).transpose(1, 2)  # (1, heads, T, D)
-            k = k.view(1, length, -1, self.head_dim).transpose(1, 2)  # (1, KV, T, D)
-            v = v.view(1, length, -1, self.head_dim).transpose(1, 2)
+            q, k, v = layer.qkv(self._rms(x, layer.input_norm), fused)  # (B, T, ·) each
+            q = q.view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
+            k = k.view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+            v = v.view(batch, length, -1, self.head_dim).transpose(1, 2)
             q = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
             k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
-            attended = self.cache.attend(i, q, k, v, position, mask, self.head_dim ** -0.5)
-            x = x + layer.o_proj(attended)
+            x = x + layer.o_proj(attend(i, q, k, v))
             gate, up = layer.gate_up(self._rms(x, layer.post_norm), fused)
             x = x + layer.down_proj(F.silu(gate) * up)
-        x = self._rms(x[:, -1:], self.norm)  # (1, 1, H): only the last position is needed
-        return self.head(x)[:, -1].float()  # (1, V), as generate() upcasts
+        x = self._rms(x[:, -1:], self.norm)  # (B, 1, H): only the last position is needed
+        return self.head(x)[:, -1].float()  # (B, V), as generate() upcasts

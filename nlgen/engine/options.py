@@ -24,7 +24,7 @@ SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "typical_p")
 # The GenerationConfig fields that only take effect when sampling (generate's warpers).
 SAMPLING_FIELDS = ("temperature", "top_h", "top_k", "top_p", "min_p", "typical_p",
                    "epsilon_cutoff", "eta_cutoff")
-# Which loop generates: auto, nlgen's one-prompt loop with a lean forward where it can run the
+# Which loop generates: auto, nlgen's loop with a lean forward where it can run the
 # model and the request, else transformers' generate(); nlgen insists on the first (an error
 # naming why it cannot), transformers on the second (nlgen.engine.decode.runner decides).
 ENGINES = ("auto", "nlgen", "transformers")
@@ -55,7 +55,7 @@ class GenerationOptions:
     chat: bool = False  # wrap the prompt as the user turn of the model's chat template
     truncate: bool = True  # cut over-long prompts from the left (else fail)
     logprobs: int | None = None  # each new token's log-prob and this many alternatives; None: off
-    engine: str = "auto"  # ENGINES; "nlgen" decodes one prompt at a time (no batches)
+    engine: str = "auto"  # ENGINES
 
     def __post_init__(self) -> None:
         token_logprobs.check(self.logprobs, self.num_beams)

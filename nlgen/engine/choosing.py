@@ -1,0 +1,155 @@
+"""The next token of one sequence: generate()'s processors and warpers, and a seeded draw.
+
+Each sequence the engine decodes (nlgen.engine.decode, nlgen.engine.continuous) owns a
+:class:`Chooser`. Given the model's float32 logits for its next token, it applies what
+``generate()`` applies, in its order:
+
+1. the processors that do not warp (repetition penalty, no-repeat n-grams, bad words, min new
+   tokens): transformers' own classes, on this sequence's own tokens (no padding);
+2. greedy: the argmax. Sampling: the warpers (temperature, top-k, top-p, then min-p,
+   typical, epsilon, eta). Temperature, top-k and top-p, the common case, are computed on the
+   top-k candidates instead of the whole vocabulary (:func:`warp`: the same kept set and
+   probabilities as TopK/TopPLogitsWarper, tests/test_sampling_equivalence.py); any other
+   warper runs as transformers' own class over the vocabulary;
+3. the draw: Gumbel-max with this sequence's own generator, one float64 uniform vector over the
+   vocabulary per step, exactly as nlgen.engine.sampling's GumbelMaxSampler draws for
+   ``generate()``. So a seeded sequence gets the same tokens from either loop (in float32),
+   alone or in any batch; an unseeded one gets a seed from torch's global generator.
+
+torch and transformers are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# Warpers computed on the top-k candidates (warp); the others run over the vocabulary.
+CANDIDATE_WARPERS = ("temperature", "top_k", "top_p")
+FULL_WARPERS = ("top_h", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def processors(config: Any, prompt_length: int) -> Any:
+    """generate()'s processors that come before its warpers, for one unpadded sequence whose
+    prompt has ``prompt_length`` tokens (transformers' own classes); None when there are none."""
+    from transformers import generation as g
+
+    found = g.LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        found.append(g.RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        found.append(g.NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    eos = as_list(config.eos_token_id)
+    if getattr(config, "bad_words_ids", None):
+        found.append(g.NoBadWordsLogitsProcessor(config.bad_words_ids, eos))
+    if config.min_length and eos:
+        found.append(g.MinLengthLogitsProcessor(config.min_length, eos))
+    if config.min_new_tokens and eos:
+        found.append(g.MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens,
+                                                         eos))
+    return found or None
+
+
+def full_warpers(config: Any) -> bool:
+    """Whether ``config`` asks for a warper that :func:`warp` does not compute."""
+    from nlgen.engine.sampling import build_warpers
+
+    names = {type(w).__name__ for w in build_warpers(config)}
+    return bool(names - {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"})
+
+
+def warp_logits(scores: Any, config: Any) -> tuple[Any, Any]:
+    """Temperature, top-k and top-p for one row (1, V) as generate()'s warpers apply them:
+    (warped logits, token ids), both (n,), over the candidates (top-k's, every token tied
+    with the k-th included, as TopKLogitsWarper keeps them), -inf where top-p drops one."""
+    import torch
+
+    scores = scores[0]  # (V,): one row
+    if config.temperature is not None and config.temperature != 1.0:
+        scores = scores / config.temperature
+    if config.top_k:
+        k = min(config.top_k, scores.shape[-1])
+        values, indices = torch.topk(scores, k)  # (k,), descending
+        tied = int((scores >= values[-1]).sum())
+        if tied > k:
+            values, indices = torch.topk(scores, tied)
+    else:
+        values, indices = torch.sort(scores, descending=True)  # (V,)
+    if config.top_p is not None and config.top_p < 1.0:
+        # TopPLogitsWarper: in ascending order, drop the tokens whose cumulative probability
+        # stays within 1 - top_p; always keep the most likely one.
+        ascending = values.flip(-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - config.top_p)
+        drop[-1] = False
+        values = ascending.masked_fill(drop, -float("inf")).flip(-1)
+    return values, indices
+
+
+def warp(scores: Any, config: Any) -> tuple[Any, Any]:
+    """generate()'s warped distribution for one row: (probabilities, token ids), both (n,)."""
+    values, indices = warp_logits(scores, config)
+    return values.softmax(dim=-1), indices
+
+
+class Chooser:
+    """The next token of one sequence (see the module docstring).
+
+    ``config``: a resolved generation config (nlgen.engine.sampling.resolve_config);
+    ``prompt_length``: the sequence's prompt tokens; ``seed``: its generator's seed
+    (nlgen.engine.sampling.row_seed), or None to take one from torch's global generator.
+    """
+
+    def __init__(self, config: Any, prompt_length: int, seed: int | None = None) -> None:
+        import torch
+
+        self.config = config
+        self.processors = processors(config, prompt_length)
+        self.sample = bool(config.do_sample)
+        self.warpers = None
+        self.generator = None
+        if self.sample:
+            if full_warpers(config):
+                from nlgen.engine.sampling import build_warpers
+
+                self.warpers = build_warpers(config)
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)))
+            self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, tokens: Sequence[int], scores: Any) -> int:
+        """The next token after ``tokens`` (prompt and generated so far) given its logits
+        ``scores`` (1, V) float32."""
+        import torch
+
+        if self.processors is not None:
+            scores = self.processors(torch.tensor([list(tokens)]), scores)
+        if not self.sample:
+            return int(torch.argmax(scores[0]))
+        if self.warpers is None:
+            values, indices = warp_logits(scores, self.config)  # (n,) each
+        else:
+            warped = self.warpers(torch.tensor([list(tokens)]), scores)[0]  # (V,)
+            indices = torch.isfinite(warped).nonzero()[:, 0]  # (n,)
+            values = warped[indices]
+        return self.draw(values, indices, scores.shape[-1])
+
+    def draw(self, values: Any, indices: Any, vocab: int) -> int:
+        """Gumbel-max over the candidates, with GumbelMaxSampler's draws: the uniforms cover
+        the whole vocabulary (one vector a step, so the stream does not depend on how many
+        candidates were kept), and only the candidates' are used."""
+        import torch
+
+        uniform = torch.empty(vocab, dtype=torch.float64)
+        uniform.uniform_(generator=self.generator)  # (V,) in [0, 1)
+        logp = torch.log_softmax(values.float(), dim=-1)  # (n,)
+        expo = (-torch.log(uniform[indices])).float()  # (n,) Exp(1)
+        return int(indices[torch.argmax(logp - torch.log(expo))])

@@ -1,0 +1,79 @@
+"""What this torch can do for the engine, probed once on tiny inputs.
+
+The lean forwards use two things that torch does not promise across releases: grouped-query
+attention inside ``scaled_dot_product_attention`` (its ``enable_gqa`` flag, torch >= 2.5) and
+the private CPU int4 kernels (``_convert_weight_to_int4pack_for_cpu`` and
+``_weight_int4pack_mm_for_cpu``) that nlgen.models.quantized packs weights for. Each is tried
+once per process, on inputs of a few bytes, and compared with the plain computation; where it is
+missing or gives other numbers, the engine repeats k/v heads instead (the same numbers) or keeps
+the weights dense (nlgen.models.quantized), with a -v notice, never an error.
+
+torch is imported inside the functions that use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+log = logging.getLogger("nlgen")
+
+
+@functools.cache
+def sdpa_gqa() -> bool:
+    """Whether ``scaled_dot_product_attention(..., enable_gqa=True)`` works and equals the
+    attention over k/v repeated per query head."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        generator = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 4, 3, 8, generator=generator)
+        k = torch.randn(1, 2, 3, 8, generator=generator)
+        v = torch.randn(1, 2, 3, 8, generator=generator)
+        got = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, dim=1),
+                                              v.repeat_interleave(2, dim=1), is_causal=True)
+        ok = bool(torch.allclose(got, want, atol=1e-5))
+    except (TypeError, RuntimeError) as exc:  # an older torch: no such flag
+        log.info("engine: attention repeats k/v heads (this torch's SDPA has no enable_gqa: "
+                 "%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return False
+    if not ok:
+        log.info("engine: attention repeats k/v heads (SDPA's enable_gqa gave other numbers)")
+    return ok
+
+
+@functools.cache
+def int4_kernels() -> str | None:
+    """None when torch's CPU int4 kernels pack and multiply a small weight correctly; else why
+    not (nlgen.models.quantized then keeps the weights dense)."""
+    import torch
+
+    try:
+        pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    except (AttributeError, RuntimeError):
+        return f"torch {torch.__version__} has no CPU int4 kernels"
+    try:
+        out_features, in_features, group = 64, 64, 32
+        generator = torch.Generator().manual_seed(0)
+        values = torch.randint(0, 16, (out_features, in_features), generator=generator,
+                               dtype=torch.int32)  # 4-bit codes
+        scales = torch.rand(in_features // group, out_features, generator=generator) + 0.5
+        zeros = torch.rand(in_features // group, out_features, generator=generator)
+        scales_zeros = torch.stack([scales, zeros], dim=2).to(torch.bfloat16)  # (K/G, N, 2)
+        packed = pack(values, 1)
+        x = torch.randn(2, in_features, generator=generator).to(torch.bfloat16)
+        got = mm(x, packed, group, scales_zeros).float()  # (2, N)
+        # The kernel's dequantization: w = (code - 8) * scale + zero, per group of inputs.
+        s = scales_zeros[..., 0].float().repeat_interleave(group, dim=0).T  # (N, K)
+        z = scales_zeros[..., 1].float().repeat_interleave(group, dim=0).T
+        weight = (values.float() - 8) * s + z  # (N, K)
+        want = x.float() @ weight.T
+        if not torch.allclose(got, want, rtol=2e-2, atol=0.5):
+            return "torch's CPU int4 kernel gave other numbers than its dequantized weight"
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"torch's CPU int4 kernels failed on a test weight ({first})"
+    return None
