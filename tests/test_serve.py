@@ -354,22 +354,25 @@ def test_requests_are_logged_on_stderr_under_v(server):
 
 
 def test_sigterm_drains_the_requests_in_flight_and_exits_0(chat_model, tmp_path):
+    # One slot, no queue: a request of 16 sequences holds the slot for 16 decodes in turn.
     served = Served(chat_model, tmp_path / "stderr.txt", "--slots", "1", "--max-queue", "0")
     try:
-        body = json.dumps({"prompt": PROMPT, "max_tokens": 60, "stream": True}).encode()
-        got: list[tuple[int, bytes]] = []
-        reader = threading.Thread(target=lambda: got.append(
-            request("POST", served.url + "/v1/completions", body, key=None)))
-        reader.start()
-        time.sleep(0.3)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 100, "n": 16, "stream": True})
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
         busy, answer = post(served.url + "/v1/completions", {"prompt": PROMPT}, key=None)
         served.proc.send_signal(signal.SIGTERM)
-        reader.join(60)
+        raw = response.read()
+        conn.close()
         assert served.proc.wait(30) == 0, served.stderr()
     finally:
         served.stop()
-    (status, raw), = got
-    assert status == 200 and raw.endswith(b"data: [DONE]\n\n")  # finished, not cut
+    assert raw.endswith(b"data: [DONE]\n\n")  # finished, not cut
+    finished = [json.loads(line[6:])["choices"][0]["index"] for line in raw.splitlines()
+                if line.startswith(b"data: {") and b'"finish_reason":"' in line]
+    assert sorted(finished) == list(range(16))
     assert busy == 503 and answer["error"]["type"] == "server_error"
 
 
@@ -407,3 +410,80 @@ def test_serve_help(cli):
 def test_bad_options_exit_2_before_anything_loads(cli, args, words):
     result = cli("serve", "--model", "./does-not-matter", *args)
     assert result.exit_code == 2 and words in result.stderr, result.stderr
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+class _Ticket:
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Stalled:
+    """Stands for the engine: takes a request, sends one piece of text, then nothing more."""
+
+    def __init__(self) -> None:
+        self.tickets: list[_Ticket] = []
+
+    def submit(self, prompt, opts, on_event):
+        from nlgen.engine.continuous import Delta
+
+        on_event(Delta(0, "a", ()))
+        self.tickets.append(_Ticket())
+        return self.tickets[-1]
+
+
+def _drive(body: dict, leave_after: int) -> tuple[list[dict], _Stalled]:
+    """Send ``body`` to the app in process; the client disconnects after ``leave_after``
+    messages from the server (0: at once)."""
+    import asyncio
+
+    from nlgen.serve.app import State, create_app
+    from nlgen.serve.options import ServeOptions
+
+    engine = _Stalled()
+    state = State(ServeOptions(), engine=engine, name="m", context=128)
+    app = create_app(state)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"",
+             "query_string": b"", "root_path": "", "headers": [],
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000)}
+    sent: list[dict] = []
+
+    async def run() -> None:
+        gone = asyncio.Event()
+        messages = [{"type": "http.request", "body": json.dumps(body).encode(),
+                     "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            if leave_after == 0:
+                await asyncio.sleep(0.05)
+            else:
+                await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+            if len(sent) >= leave_after:
+                gone.set()
+
+        await asyncio.wait_for(app(scope, receive, send), 10)
+
+    asyncio.run(run())
+    return sent, engine
+
+
+def test_a_stream_whose_client_leaves_cancels_its_ticket():
+    sent, engine = _drive({"prompt": "x", "stream": True}, leave_after=2)
+    assert sent[0]["status"] == 200 and sent[1]["body"].startswith(b"data: ")
+    assert [t.cancelled for t in engine.tickets] == [True]
+
+
+def test_a_client_that_leaves_before_its_answer_cancels_its_ticket():
+    _, engine = _drive({"prompt": "x"}, leave_after=0)
+    assert [t.cancelled for t in engine.tickets] == [True]

@@ -65,7 +65,7 @@ class GenerationStats:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     index: int
     prompt: Prompt
     ids: list[int]
@@ -74,7 +74,11 @@ class _Prepared:
     seen: str | None = None  # the prompt's text as the model saw it, when it was cut
 
 
-def _prepare(lm: LoadedModel, index: int, prompt: Prompt, opts: GenerationOptions) -> _Prepared:
+def prepare(lm: LoadedModel, index: int, prompt: Prompt, opts: GenerationOptions, *,
+            context: int | None = None) -> Prepared:
+    """A prompt as the model will see it (chat template, tokens, cut to fit) and its budget of
+    new tokens, within ``context`` tokens (default: the model's context); an InputError or
+    UsageError for a prompt or option that cannot be honoured."""
     tokenizer = lm.tokenizer
     text = prompt.text
     where = f"prompt {index + 1}" + (f" (line {prompt.line})" if prompt.line else "")
@@ -90,7 +94,7 @@ def _prepare(lm: LoadedModel, index: int, prompt: Prompt, opts: GenerationOption
     ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
     if not ids:
         raise InputError(f"{where} is empty after tokenization")
-    context = lm.context_length
+    context = context or lm.context_length
     if opts.max_length is not None:
         if opts.max_length > context:
             raise UsageError(f"--max-length {opts.max_length} exceeds the model's context "
@@ -122,7 +126,7 @@ def _prepare(lm: LoadedModel, index: int, prompt: Prompt, opts: GenerationOption
         seen = tokenizer.decode(ids, skip_special_tokens=True)
         if opts.max_length is not None:
             max_new = opts.max_length - len(ids)
-    return _Prepared(index, prompt, ids, max(max_new, 1), notes, seen)
+    return Prepared(index, prompt, ids, max(max_new, 1), notes, seen)
 
 
 def generate(
@@ -187,15 +191,15 @@ def _generate_seeded(lm: LoadedModel, source: Iterable[tuple[int, Prompt]],
     lm.tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
     batch_size = 1 if on_text else opts.batch_size
 
-    def run_batch(batch: list[_Prepared]) -> list[list[Generation]]:
+    def run_batch(batch: list[Prepared]) -> list[list[Generation]]:
         with torch.inference_mode():
             return _generate_batch(lm, batch, config, opts, stats, on_text)
 
     for raw_window, failure in read_windows(iter(source), batch_size):
-        window: list[_Prepared] = []
+        window: list[Prepared] = []
         try:
             for i, prompt in raw_window:
-                window.append(_prepare(lm, i, prompt, opts))
+                window.append(prepare(lm, i, prompt, opts))
         except NlgenError as exc:
             failure = exc
         if not window:
@@ -213,7 +217,7 @@ def _generate_seeded(lm: LoadedModel, source: Iterable[tuple[int, Prompt]],
             raise failure
 
 
-def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
+def _generate_batch(lm: LoadedModel, batch: list[Prepared], config: Any,
                     opts: GenerationOptions, stats: GenerationStats,
                     on_text: Callable[[str], None] | None) -> list[list[Generation]]:
     tokenizer = lm.tokenizer
@@ -221,8 +225,8 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
     input_ids = encoded["input_ids"].to(lm.device)  # (B, T) left-padded
     attention_mask = encoded["attention_mask"].to(lm.device)  # (B, T)
     max_new = max(p.max_new for p in batch)
-    eos_ids = _eos_ids(config, tokenizer)
-    streamer = StopAwareStreamer(tokenizer, opts.stop, on_text, eos_ids) if on_text else None
+    eos = eos_ids(config, tokenizer)
+    streamer = StopAwareStreamer(tokenizer, opts.stop, on_text, eos) if on_text else None
     # Stop strings on the completion only (streaming.StopStrings), one object per batch.
     stops = StopStrings(tokenizer, opts.stop) if opts.stop else None
     beams = (config.num_beams or 1) > 1
@@ -258,7 +262,7 @@ def _generate_batch(lm: LoadedModel, batch: list[_Prepared], config: Any,
         for s in range(n):
             row = b * n + s
             ids, completion, finish = completion_end(tokenizer, new_tokens[row], item.max_new,
-                                                     eos_ids, stops, row, noted=not beams)
+                                                     eos, stops, row, noted=not beams)
             stats.new_tokens += len(ids)
             stats.sequences += 1
             gens.append(Generation(item.index, s, item.prompt.text, completion, len(item.ids),
@@ -279,7 +283,7 @@ def _criteria_list(criterion: Any) -> Any:
     return StoppingCriteriaList([criterion])
 
 
-def _eos_ids(config: Any, tokenizer: Any) -> set[int]:
+def eos_ids(config: Any, tokenizer: Any) -> set[int]:
     eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
     if eos is None:
         return set()

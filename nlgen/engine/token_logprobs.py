@@ -64,6 +64,11 @@ def attach(tokenizer: Any, results: list[list[Any]], step_logits: Any,
         for gen in gens] for b, gens in enumerate(results)]
 
 
+def one(text: TokenText, scores: Any, token: int, top_k: int) -> TokenLogprob:
+    """The log-prob of ``token`` under the raw logits ``scores`` (1, V), with the top_k."""
+    return _tokens(text, [scores], 0, [token], min(top_k, int(scores.shape[-1])))[0]
+
+
 def _tokens(text: TokenText, step_logits: Any, row: int, ids: list[int],
             k: int) -> tuple[TokenLogprob, ...]:
     import torch

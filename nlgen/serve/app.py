@@ -229,7 +229,8 @@ async def _until_gone(receive: Callable[[], Awaitable[dict[str, Any]]],
     finally:
         watcher.cancel()
         if not task.done():
-            task.cancel()
+            task.cancel()  # its own finally runs (the ticket is cancelled) before we go on
+            await asyncio.wait({task})
     if task.cancelled():
         return None
     return task.result()

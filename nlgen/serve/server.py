@@ -105,7 +105,7 @@ class Server:
                     return
                 engine = Engine(lm, slots=self.options.slots, max_queue=self.options.max_queue)
                 self.state.name = self.options.served_name or lm.name
-                self.state.context = lm.context_length
+                self.state.context = engine.context
                 self.state.engine = engine
         except Exception as exc:  # raised again by run(), in the main thread
             self.failure = exc
