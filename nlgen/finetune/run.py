@@ -73,10 +73,7 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
 
     from nlgen.finetune.callback import Interrupt, NlgenCallback
 
-    if opts.overwrite and plan.checkpoints.exists() and distributed.is_main_process():
-        shutil.rmtree(plan.checkpoints)
-    elif distributed.is_main_process():  # what a kill in the middle of a save left
-        artifacts.remove_incomplete_checkpoints(plan.checkpoints)
+    _clean_checkpoints(opts, plan)
     evaluate = bool(validation) or opts.split > 0
     args = _training_args(opts, plan, precision, use_cpu, report_to, evaluate,
                           padded=records is not None)
@@ -97,13 +94,7 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
                       processing_class=lm.tokenizer, callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # it prints log dicts to stdout
     if on_event is not None and trainer.is_world_process_zero():
-        on_event(Started(lm.name, len(data.train),
-                         len(data.validation) if data.validation is not None else 0,
-                         data.block_size, _planned_steps(data, opts, args.world_size),
-                         precision, str(args.device), args.world_size, plan.output,
-                         plan.checkpoints,
-                         artifacts.checkpoint_step(plan.resume_from) if plan.resume_from
-                         else None, data.format))
+        on_event(_started(lm, data, opts, args, plan, precision))
     # Packed text on one process: the float32 pass after training that measures the KL gives
     # the validation loss of the base (before) and of the result (after) too; the Trainer's
     # evaluations before training and at the last step would repeat it.
@@ -117,16 +108,8 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
     if callback.stopped_at is not None:
         raise TrainingInterrupted(callback.stopped_at,
                                   plan.checkpoints / f"checkpoint-{callback.stopped_at}")
-    divergence = validation_kl(trainer, lm, spec, data, opts)
-    if by_kl and divergence is not None and divergence.tokens:
-        before = divergence.reference_nll_sum / divergence.tokens
-        after = divergence.nll_sum / divergence.tokens
-        callback.measured_after(trainer.state, before, after)
-        evals = [e for e in trainer.state.log_history if "eval_loss" in e]
-    else:
-        by_kl = False
-        after, evals = _loss_after(trainer, data, callback)
-    kl = divergence.kl if divergence is not None else None
+    before, after, evals, kl, by_kl = _measured(trainer, lm, spec, data, opts, callback,
+                                                by_kl, before)
 
     # 5. The model directory: a temporary sibling, renamed into place when complete.
     record = artifacts.build_record(
@@ -144,6 +127,44 @@ def _run(opts: FinetuneOptions, on_event: Callable[[Event], None] | None,
     curve = curve_rows(trainer.state.log_history, before)
     _save(trainer, lm.tokenizer, opts, plan, record, started, curve)
     return FinetuneResult(plan.output, record, trainer.is_world_process_zero())
+
+
+def _clean_checkpoints(opts: FinetuneOptions, plan: Any) -> None:
+    """--overwrite: the old checkpoints go; else what a kill in the middle of a save left."""
+    if not distributed.is_main_process():
+        return
+    if opts.overwrite and plan.checkpoints.exists():
+        shutil.rmtree(plan.checkpoints)
+    else:
+        artifacts.remove_incomplete_checkpoints(plan.checkpoints)
+
+
+def _started(lm: Any, data: Any, opts: FinetuneOptions, args: Any, plan: Any,
+             precision: str) -> Started:
+    """The event that opens the run: what trains, on what, for how long, where it goes."""
+    return Started(lm.name, len(data.train),
+                   len(data.validation) if data.validation is not None else 0,
+                   data.block_size, _planned_steps(data, opts, args.world_size),
+                   precision, str(args.device), args.world_size, plan.output, plan.checkpoints,
+                   artifacts.checkpoint_step(plan.resume_from) if plan.resume_from else None,
+                   data.format)
+
+
+def _measured(trainer: Any, lm: Any, spec: Any, data: Any, opts: FinetuneOptions,
+              callback: Any, by_kl: bool, before: float | None,
+              ) -> tuple[float | None, float | None, list[dict[str, Any]], float | None, bool]:
+    """After training: (validation loss before, after, the evaluations, the KL against the
+    base, whether the float32 KL pass gave the losses). Packed text on one process takes
+    both losses from that pass; otherwise the Trainer's own evaluation gives them."""
+    divergence = validation_kl(trainer, lm, spec, data, opts)
+    kl = divergence.kl if divergence is not None else None
+    if by_kl and divergence is not None and divergence.tokens:
+        before = divergence.reference_nll_sum / divergence.tokens
+        after = divergence.nll_sum / divergence.tokens
+        callback.measured_after(trainer.state, before, after)
+        return before, after, [e for e in trainer.state.log_history if "eval_loss" in e], kl, True
+    after, evals = _loss_after(trainer, data, callback)
+    return before, after, evals, kl, False
 
 
 def _check_inputs(opts: FinetuneOptions) -> tuple[list[Source], list[Source], str,
