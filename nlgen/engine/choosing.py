@@ -130,17 +130,43 @@ class Chooser:
         ``scores`` (1, V) float32."""
         import torch
 
-        if self.processors is not None:
-            scores = self.processors(torch.tensor([list(tokens)]), scores)
         if not self.sample:
-            return int(torch.argmax(scores[0]))
-        if self.warpers is None:
-            values, indices = warp_logits(scores, self.config)  # (n,) each
-        else:
-            warped = self.warpers(torch.tensor([list(tokens)]), scores)[0]  # (V,)
-            indices = torch.isfinite(warped).nonzero()[:, 0]  # (n,)
-            values = warped[indices]
+            return int(torch.argmax(self.processed(tokens, scores)[0]))
+        values, indices = self.candidates(tokens, scores)
         return self.draw(values, indices, scores.shape[-1])
+
+    def processed(self, tokens: Sequence[int], scores: Any) -> Any:
+        """``scores`` (1, V) after the processors that do not warp."""
+        import torch
+
+        if self.processors is None:
+            return scores
+        return self.processors(torch.tensor([list(tokens)]), scores)
+
+    def candidates(self, tokens: Sequence[int], scores: Any) -> tuple[Any, Any]:
+        """(warped logits, token ids), both (n,): the tokens a draw may pick (-inf: dropped)."""
+        import torch
+
+        scores = self.processed(tokens, scores)
+        if self.warpers is None:
+            return warp_logits(scores, self.config)
+        warped = self.warpers(torch.tensor([list(tokens)]), scores)[0]  # (V,)
+        indices = torch.isfinite(warped).nonzero()[:, 0]  # (n,)
+        return warped[indices], indices
+
+    def distribution(self, tokens: Sequence[int], scores: Any) -> Any:
+        """The probabilities (V,) float32 the next token is drawn from (greedy: one-hot at the
+        argmax): what softmax gives after generate()'s processors and warpers."""
+        import torch
+
+        vocab = scores.shape[-1]
+        probs = torch.zeros(vocab, dtype=torch.float32)
+        if not self.sample:
+            probs[self(tokens, scores)] = 1.0
+            return probs
+        values, indices = self.candidates(tokens, scores)
+        probs[indices] = torch.softmax(values.float(), dim=-1)
+        return probs
 
     def draw(self, values: Any, indices: Any, vocab: int) -> int:
         """Gumbel-max over the candidates, with GumbelMaxSampler's draws: the uniforms cover

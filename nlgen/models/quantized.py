@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from nlgen.errors import UsageError, write_failure
+from nlgen.models import capabilities
 
 log = logging.getLogger("nlgen")
 
@@ -64,12 +65,22 @@ def choose(kind: str, *, device: str, dtype: str, cacheable: bool) -> str:
     if kind == "none":
         return "none"
     if kind == "auto":
-        return "auto" if cacheable and device == "cpu" and dtype == "bfloat16" else "none"
+        if not (cacheable and device == "cpu" and dtype == "bfloat16"):
+            return "none"
+        missing = capabilities.int4_kernels()
+        if missing is not None:  # an older or newer torch: dense bfloat16 weights
+            log.info("not quantized: %s; the weights stay bfloat16", missing)
+            return "none"
+        return "auto"
     if device != "cpu":
         raise UsageError(f"--quantize {kind} runs on the CPU only", hint="add --device cpu")
     if dtype != "bfloat16":
         raise UsageError(f"--quantize {kind} computes in bfloat16, not {dtype}",
                          hint="drop --dtype, or use --dtype bfloat16")
+    missing = capabilities.int4_kernels() if kind == "int4" else None
+    if missing is not None:
+        raise UsageError(f"--quantize {kind} is not available: {missing}",
+                         hint="use --quantize none, or a torch with them (see pyproject.toml)")
     return kind
 
 
