@@ -7,7 +7,8 @@ input and its (in, out) weight, the attention scale each ``GPT2Attention`` compu
 model's own activation module (``activation_function``), the LM head (tied to the token
 embeddings, or quantized) on the last position only. Around it: a key/value cache preallocated
 for the whole request, as nlgen.engine.lean_llama's, and none of the module calls, cache and
-mask bookkeeping and output objects of ``model(...)``.
+mask bookkeeping and output objects of ``model(...)``. In bfloat16 the attention is computed
+in float32 (nlgen.engine.lean_llama.sdpa: faster on the CPU, and closer to exact).
 
 :func:`reason` rules out what it does not compute exactly (cross-attention,
 ``reorder_and_upcast_attn``, layers that are not transformers' own Conv1D / LayerNorm, such as

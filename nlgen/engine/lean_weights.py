@@ -252,12 +252,15 @@ class _Layer:
                    attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                    mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
-    def qkv(self, h: Any, fused: bool) -> tuple[Any, Any, Any]:
+    def qk_v(self, h: Any, fused: bool) -> tuple[Any, Any]:
+        """(q and k side by side (B, T, q + k widths), v): RoPE then turns q and k together."""
+        import torch
+
+        q, k = self.sizes
         if fused and self.fused_qkv is not None:
             out = self.fused_qkv(h)
-            q, k = self.sizes
-            return out[..., :q], out[..., q:q + k], out[..., q + k:]
-        return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+            return out[..., :q + k], out[..., q + k:]
+        return torch.cat((self.q_proj(h), self.k_proj(h)), dim=-1), self.v_proj(h)
 
     def gate_up(self, h: Any, fused: bool) -> tuple[Any, Any]:
         if fused and self.fused_gate_up is not None:
