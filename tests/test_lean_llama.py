@@ -146,3 +146,59 @@ def test_lean_files_forward_equals_transformers_forward(tiny_llama):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for prompt in PROMPTS:
         assert _greedy(lm, prompt, 24, lean=True) == _greedy(lm, prompt, 24, lean=False)
+
+
+def test_a_cached_llama_is_kept_in_its_dtype_and_read_back_memory_mapped(tiny_llama, tmp_path):
+    """With nlgen's own cache directory, the first read converts the float32 file and keeps a
+    bfloat16 copy; later reads take the copy as it is (its tensors are the file's pages, not
+    copies); a changed source file makes the copy stale, and it is made again."""
+    import os
+
+    import torch
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    copy = cache / "model-bfloat16.safetensors"
+    first = lean_weights.from_files(tiny_llama, "bfloat16", None, cache)
+    assert copy.is_file()
+    assert lean_weights._in_dtype(tiny_llama / "model.safetensors", "bfloat16", cache) == copy
+    second = lean_weights.from_files(tiny_llama, "bfloat16", None, cache)
+    assert torch.equal(first.embed, second.embed) and second.embed.dtype == torch.bfloat16
+    for a, b in zip(first.layers, second.layers, strict=True):
+        assert torch.equal(a.q_proj.weight, b.q_proj.weight)
+        assert torch.equal(a.down_proj.weight, b.down_proj.weight)
+    # Memory-mapped: the storage is the file's pages (torch's own allocations are resizable).
+    assert not second.embed.untyped_storage().resizable()
+    assert not second.layers[0].q_proj.weight.untyped_storage().resizable()
+    assert first.embed.untyped_storage().resizable()  # converted from float32: a copy
+    ids = torch.tensor([[5, 9, 2, 7, 11]])
+    with torch.inference_mode():
+        torch.testing.assert_close(lean_llama.LeanLlama(second, 5).step(ids, 0),
+                                   lean_llama.LeanLlama(first, 5).step(ids, 0), rtol=0, atol=0)
+    source = tiny_llama / "model.safetensors"
+    stat = source.stat()
+    try:
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        assert lean_weights._in_dtype(source, "bfloat16", cache) is None  # stale
+        lean_weights.from_files(tiny_llama, "bfloat16", None, cache)
+        assert lean_weights._in_dtype(source, "bfloat16", cache) == copy  # made again
+    finally:
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # A saved directory of the user's own (no cache) is only read.
+    lean_weights.from_files(tiny_llama, "bfloat16", None)
+    assert not (tiny_llama / "model-bfloat16.safetensors").exists()
+
+
+def test_the_quantized_cache_read_in_pieces_is_the_whole_state(tmp_path, monkeypatch):
+    import torch
+
+    torch.manual_seed(0)
+    state = {f"layer{i}.{part}": torch.randint(0, 255, (64, 32 + i), dtype=torch.uint8)
+             for i in range(5) for part in ("packed", "scales")}
+    path = tmp_path / quantized.CACHE_FILE
+    quantized.save_cached(path, state, exact=True)
+    monkeypatch.setattr(quantized, "CLONE_PIECE", 3000)  # a piece holds one or two tensors
+    got, exact = quantized.load_cached(path)
+    assert exact and set(got) == set(state)
+    for key, value in state.items():
+        assert torch.equal(got[key], value) and got[key].data_ptr() % 64 == 0

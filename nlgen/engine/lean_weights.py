@@ -147,12 +147,18 @@ def with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None) -> Weights | None:
+def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None,
+               cache: Path | None = None) -> Weights | None:
     """The weights of a saved Llama-family directory (config.json, model.safetensors), read
     without building transformers' model (whose import alone costs ~1.7 s on the 2-core
     machines); ``int4``: nlgen.models.quantized's cached int4 state for its Linear layers.
     None when the directory holds something else (another architecture, scaled RoPE, sharded
-    weights, missing tensors, no generation config): the caller loads it the usual way."""
+    weights, missing tensors, no generation config): the caller loads it the usual way.
+
+    ``cache`` (nlgen's own directory for this model, such as a GGUF's converted copy): where
+    the weights are kept in ``dtype`` as well (:func:`_in_dtype`), so that later runs read them
+    memory-mapped as they run: a dense weight then costs memory only once something reads it
+    (with int4 layers, the dense copies serve long prompts and batches only)."""
     import torch
     from safetensors import safe_open
     from transformers import GenerationConfig
@@ -167,8 +173,18 @@ def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None) -> Weig
             and weights_file.is_file() and (directory / "generation_config.json").is_file()):
         return None
     config = SimpleNamespace(**with_defaults(raw))
-    with safe_open(str(weights_file), framework="pt") as f:
-        tensors = {k: f.get_tensor(k).to(getattr(torch, dtype)) for k in f.keys()}
+    copy = _in_dtype(weights_file, dtype, cache)
+    converted = False
+    with safe_open(str(copy or weights_file), framework="pt") as f:
+        tensors = {}
+        for key in f.keys():
+            # A tensor already in ``dtype`` (to() returns it as it is) stays memory-mapped.
+            tensor = f.get_tensor(key)
+            tensors[key] = tensor.to(getattr(torch, dtype))
+            converted = converted or tensors[key] is not tensor
+    if converted and cache is not None:
+        quantized.save_atomically(cache / f"model-{dtype}.safetensors", tensors,
+                                  {"source": _stamp(weights_file)}, f"the {dtype} weights")
     tied = config.tie_word_embeddings
     if not _has_tensors(config, tensors, tied):
         return None  # transformers would make up the missing ones: let it, and say so
@@ -230,6 +246,28 @@ def _has_tensors(config: Any, tensors: dict[str, Any], tied: bool) -> bool:
         for n in ("gate_proj", "up_proj", "down_proj"):
             names += [f"{p}mlp.{n}.weight"] + ([f"{p}mlp.{n}.bias"] if mlp_bias else [])
     return all(name in tensors for name in names)
+
+
+def _stamp(path: Path) -> str:
+    """The size and modification time of a file (what a cached copy of it was made from)."""
+    stat = path.stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _in_dtype(weights_file: Path, dtype: str, cache: Path | None) -> Path | None:
+    """The copy of ``weights_file`` in ``dtype`` that :func:`from_files` keeps in ``cache``,
+    when it is there and was made from this very file; else None."""
+    from safetensors import safe_open
+
+    if cache is None:
+        return None
+    copy = cache / f"model-{dtype}.safetensors"
+    try:
+        with safe_open(str(copy), framework="pt") as f:
+            made_from = (f.metadata() or {}).get("source")
+    except Exception:  # absent, truncated: made again
+        return None
+    return copy if made_from == _stamp(weights_file) else None
 
 
 class _Layer:
@@ -320,5 +358,5 @@ def read(directory: Path, dtype: str, quantize: str, cache: Path | None) -> tupl
             return None, "none"
         if found[1] or quantize == "int4":  # exact 4-bit blocks, or asked for
             int4, kind = found[0], "int4"
-    weights = from_files(directory, dtype, int4)
+    weights = from_files(directory, dtype, int4, cache)
     return (weights, kind) if weights is not None else (None, "none")

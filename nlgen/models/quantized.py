@@ -48,6 +48,7 @@ DENSE_FROM = 16
 # torch's CPU int4 packing lays out output rows in tiles of 64 (a fused product of layers whose
 # widths are not multiples of it computes garbage: tests/test_lean_llama.py).
 INT4_TILE = 64
+CLONE_PIECE = 16 << 20  # bytes of a memory-mapped file copied between two unmappings
 
 
 def check_kind(kind: str) -> str:
@@ -350,10 +351,23 @@ def load_cached(path: Path) -> tuple[dict[str, Any], bool] | None:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT or meta.get("torch") != _torch_version():
                 return None  # the packed layout is torch's own: another version repacks
-            # clone(): torch's allocator aligns to 64 bytes; a tensor read from the file may
-            # not be aligned, and the int8 kernel crashes on one that is not.
-            return ({key: f.get_tensor(key).clone() for key in f.keys()},
-                    meta.get("exact") == "1")
+            keys = list(f.keys())
+        # clone(): torch's allocator aligns to 64 bytes; a tensor read from the file may not
+        # be aligned, and the int8 kernel crashes on one that is not. The file is memory-mapped
+        # and every page a clone reads stays resident until it is closed, so it is read in
+        # pieces of about CLONE_PIECE bytes: the peak is the weights plus one piece, not twice
+        # the weights.
+        state: dict[str, Any] = {}
+        while len(state) < len(keys):
+            with safe_open(str(path), framework="pt") as f:
+                size = 0
+                for key in keys[len(state):]:
+                    tensor = f.get_tensor(key).clone()
+                    state[key] = tensor
+                    size += tensor.numel() * tensor.element_size()
+                    if size >= CLONE_PIECE:
+                        break
+        return state, meta.get("exact") == "1"
     except Exception:  # missing, truncated, another format: recompute
         return None
 
@@ -365,7 +379,15 @@ def _torch_version() -> str:
 
 
 def save_cached(path: Path, state: dict[str, Any], exact: bool) -> None:
-    """Write atomically (temporary sibling, then rename); a failure only costs the next run.
+    """Write a quantized state (see :func:`save_atomically`)."""
+    save_atomically(path, state, {"format": FORMAT, "exact": "1" if exact else "0",
+                                  "torch": _torch_version()}, "the quantized weights")
+
+
+def save_atomically(path: Path, tensors: dict[str, Any], metadata: dict[str, str],
+                    what: str) -> None:
+    """Write a safetensors cache file atomically (temporary sibling, then rename); a failure
+    only costs the next run.
 
     The temporary file carries this process's id: one that a killed process left behind (its
     process gone) is removed here, so a kill mid-write leaks nothing for good. A full disk
@@ -385,12 +407,11 @@ def save_cached(path: Path, state: dict[str, Any], exact: bool) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", dir=path.parent)
         os.close(fd)
         try:
-            save_file(state, tmp, metadata={"format": FORMAT, "exact": "1" if exact else "0",
-                                            "torch": _torch_version()})
+            save_file(tensors, tmp, metadata=metadata)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
     except (OSError, SafetensorError) as exc:
         why = write_failure(exc, path.parent) or str(exc)
-        log.warning("could not cache the quantized weights in %s (%s); the next run "
-                    "quantizes again", path.parent, why)
+        log.warning("could not cache %s in %s (%s); the next run makes them again", what,
+                    path.parent, why)
