@@ -33,7 +33,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,7 +45,6 @@ from bench_generate import (  # noqa: E402  (the benchmarks share their helpers)
     prose_prompts,
     ratio,
 )
-
 
 # A small launcher between this process and the measured one: Linux folds the forked copy's
 # resident set (this benchmark's, over a gigabyte) into the child's ru_maxrss at exec, so the

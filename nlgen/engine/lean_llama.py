@@ -20,8 +20,9 @@ adapters included: the projections are the model's modules), with:
 
 tests/test_engine_equivalence.py holds it to transformers (greedy tokens, logits at every step,
 a prompt in pieces; in bfloat16 to transformers with its attention computed in float32 too, and
-within a stated bound of stock transformers). :func:`reason` names what it does not compute (another architecture, a
-sliding window, dynamic RoPE, a GPU, eager attention); those keep transformers' ``generate()``.
+within a stated bound of stock transformers). :func:`reason` names what it does not compute
+(another architecture, a sliding window, dynamic RoPE, a GPU, eager attention); those keep
+transformers' ``generate()``.
 
 torch is imported inside the functions that use it.
 """
