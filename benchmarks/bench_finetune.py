@@ -4,7 +4,7 @@ One command gives the whole table:
 
     .venv/bin/python benchmarks/bench_finetune.py --out benchmarks/results/finetune.md
 
-(about 8 minutes on a quiet 2-core machine). Its sections:
+(about 20 minutes on a quiet 2-core machine). Its sections:
 
 1. Throughput. The Trainer script trains in float32, as a user writes it (the recipe of
    transformers' examples/pytorch/language-modeling/run_clm.py reduced to its training path:
@@ -252,7 +252,8 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT / "examples" / "data" / "garden.txt"))
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-steps", type=int, default=8, help="steps of the throughput runs")
+    p.add_argument("--max-steps", type=int, default=30, help="steps of the throughput runs "
+                   "(both sides run as many: a short run's ratio is mostly start-up noise)")
     p.add_argument("--loss-steps", type=int, default=30, help="steps of the validation-loss "
                    "runs (0: skip them)")
     p.add_argument("--split-too", action="store_true", help="also validate on 5%% of the "
