@@ -32,6 +32,13 @@ CASES = {
     "bad-words": {"do_sample": True, "top_k": 0, "bad_words_ids": [[99], [8, 9, 42], [17, 3]]},
     "min-new-tokens": {"do_sample": True, "top_k": 0, "min_new_tokens": 10},
     "min-length": {"do_sample": True, "top_k": 0, "min_length": 30},
+    # Reached: EOS free again. Several EOS ids, one outside the vocabulary (ignored).
+    "min-new-tokens-reached": {"do_sample": True, "top_k": 0, "min_new_tokens": 5},
+    "min-length-reached": {"do_sample": True, "top_k": 0, "min_length": 17},
+    "min-new-tokens-eos-ids": {"do_sample": True, "top_k": 0, "min_new_tokens": 10,
+                               "eos_token_id": [EOS, 7, VOCAB + 5]},
+    "greedy-min-new-tokens": {"do_sample": False, "min_new_tokens": 10,
+                              "eos_token_id": [EOS, 7]},
     "all-at-once": {"do_sample": True, "temperature": 0.9, "top_k": 40, "top_p": 0.95,
                     "repetition_penalty": 1.2, "no_repeat_ngram_size": 3,
                     "bad_words_ids": [[99]], "min_new_tokens": 8},
@@ -44,7 +51,7 @@ def _config(fields: dict):
     from transformers import GenerationConfig
 
     fields = {k: v for k, v in fields.items() if k != "tie"}
-    return GenerationConfig(eos_token_id=EOS, pad_token_id=EOS, **fields)
+    return GenerationConfig(**{"eos_token_id": EOS, "pad_token_id": EOS, **fields})
 
 
 def _scores(seed: int, tie: bool = False):

@@ -281,6 +281,8 @@ class _Layer:
         self.sizes = (q_proj.out_features, k_proj.out_features)
         self.fused_qkv = fuse([q_proj, k_proj, v_proj])
         self.fused_gate_up = fuse([gate_proj, up_proj])
+        # o and down alone: the same kernel call without the module's call machinery.
+        self.direct_o, self.direct_down = fuse([o_proj]), fuse([down_proj])
 
     @classmethod
     def of(cls, layer: Any) -> _Layer:
@@ -300,6 +302,13 @@ class _Layer:
             return out[..., :q + k], out[..., q + k:]
         return torch.cat((self.q_proj(h), self.k_proj(h)), dim=-1), self.v_proj(h)
 
+    def o(self, h: Any, fused: bool) -> Any:
+        return self.direct_o(h) if fused and self.direct_o is not None else self.o_proj(h)
+
+    def down(self, h: Any, fused: bool) -> Any:
+        return (self.direct_down(h) if fused and self.direct_down is not None
+                else self.down_proj(h))
+
     def gate_up(self, h: Any, fused: bool) -> tuple[Any, Any]:
         if fused and self.fused_gate_up is not None:
             out = self.fused_gate_up(h)
@@ -308,7 +317,8 @@ class _Layer:
 
 
 def fuse(layers: list[Any]) -> Any:
-    """One product for several quantized layers that read the same input (q/k/v, gate/up):
+    """One product for several quantized layers that read the same input (q/k/v, gate/up; or
+    one layer's product, without its module call):
     a function (M, K) -> (M, sum of their widths) for fewer than DENSE_FROM rows, or None
     unless all are int4 (or all int8) without bias. The int4 kernel packs its rows in tiles
     (quantized.INT4_TILE): when every layer's width is a whole number of tiles, the packed rows
