@@ -7,7 +7,8 @@ Measures, on the same machine in the same run:
      llama.cpp's `llama-bench` tg{n} on the same GGUF; sampling's cost per token over greedy;
   2. GPT-2-small shapes (12 layers x 768, vocabulary 50257, random weights saved as a local
      model directory, bfloat16): nlgen's loop against transformers' generate() on the same
-     loaded model (`--engine transformers`, which is plain generate());
+     loaded model (`--engine transformers`, which is plain generate()); and the same model
+     with `--quantize int8` (int8 rows: other numbers, half the bytes) on nlgen's loop;
   3. batches of 1, 8 and 32 prose prompts x 32 tokens on the built-in model, greedy and seeded
      sampling: nlgen's loop (`--engine nlgen`) against generate() (`--engine transformers`),
      the same loaded model and options;
@@ -188,7 +189,21 @@ def main() -> None:  # noqa: C901  (one table, built in order)
         add(Row(f"GPT-2-small shapes (random weights, bfloat16), greedy, {n} tokens: nlgen's "
                 "loop vs transformers generate()", f"{a:.1f} tok/s", f"{b:.1f} tok/s",
                 ratio(a, b, "speed")))
-        del g2
+        # --quantize int8 (int8 rows for the Conv1D layers and the head: other numbers, half
+        # the bytes a token) on nlgen's loop, against the same bfloat16 generate() baseline,
+        # interleaved with it.
+        g2q = loading.load_model(str(path), device="cpu", quantize="int8")
+        quick = GenerationOptions(greedy=True, max_new_tokens=n, min_new_tokens=n,
+                                  engine="nlgen")
+        tps(g2q, [PROMPT], quick)
+        q_speeds, base = [], []
+        for _ in range(reps):
+            q_speeds.append(tps(g2q, [PROMPT], quick))
+            base.append(tps(g2, [PROMPT], sides["transformers"]))
+        a, b = median(q_speeds), median(base)
+        add(Row(f"GPT-2-small shapes, `--quantize int8` on nlgen's loop vs bfloat16 generate(), "
+                f"greedy, {n} tokens", f"{a:.1f} tok/s", f"{b:.1f} tok/s", ratio(a, b, "speed")))
+        del g2, g2q
 
     # 3. batches on the built-in model: nlgen's loop vs generate(), greedy and sampling
     prompts = prose_prompts(32)

@@ -440,3 +440,42 @@ def test_cli_engine_nlgen_says_why_it_cannot(cli, tiny_model, tmp_path):
     upcast = cli("generate", "--model", str(tmp_path), "--engine", "nlgen", "-n", "4", "x")
     assert upcast.exit_code == EXIT_FAILURE
     assert "--engine nlgen cannot run this: config reorder_and_upcast_attn" in upcast.stderr
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-scaled-by-layer-gelu"])
+def test_int8_gpt2_runs_on_the_engine_equal_to_generate(name):
+    """--quantize int8 on GPT-2 replaces its Conv1D layers too (half the bytes a token of
+    bfloat16); the lean forward calls those modules as generate() does: the same tokens."""
+    import torch
+
+    from nlgen.models import quantized
+
+    model = build(name)
+    reference = {n: m.weight.detach().t().clone() for n, m in model.named_modules()
+                 if type(m).__name__ == "Conv1D"}
+    assert quantized.quantize_model(model, "int8") == "int8"
+    model.to(torch.bfloat16)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if n in reference}
+    # Every Conv1D whose input is whole blocks of 32 (n_inner 48 leaves one per layer dense).
+    assert kinds == {n: "Int8Linear" if w.shape[1] % 32 == 0 else "Conv1D"
+                     for n, w in reference.items()}
+    assert "Int8Linear" in kinds.values()
+    for n, dense in reference.items():
+        if kinds[n] == "Conv1D":
+            continue  # int8 rows of the (out, in) weight: each value within
+        layer = model.get_submodule(n)  # half a step of its row's, plus the bfloat16 scale's
+        rebuilt = layer.weight_int8.float() * layer.scale.float()[:, None]  # rounding (127
+        step = dense.abs().amax(dim=1, keepdim=True) / 127  # steps x 2^-8 at most)
+        assert bool(((rebuilt - dense).abs() <= step * (0.5 + 127 / 256) * 1.01).all()), n
+    assert lean_gpt2.reason(model) is None
+    lm = loaded(model)
+    ids = prompt()
+    run = decode.runner(lm, greedy_config(), rows=1, engine="nlgen")
+    with torch.inference_mode():
+        with attention_in_float32(model):
+            expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      generation_config=greedy_config(), max_new_tokens=NEW)
+        got = run(input_ids=ids, max_new_tokens=NEW)
+    assert got.tolist() == expected.tolist()
+    assert len(set(got[0, ids.shape[1]:].tolist())) > 8
+    assert isinstance(slots._made.get(model), lean_weights.GPT2Weights)

@@ -13,7 +13,8 @@ model that runs is the GGUF's, and the only drift from float32 comes from bfloat
 and scales rounded to bfloat16 (measured: README, "Benchmarks"). Other models lose more. An LM
 head on GGUF Q8_0's grid (8-bit blocks) is kept as those blocks, as two int4 products
 (:func:`int8_blocks`); any other stays bfloat16 under int4.
-int8 (on request): one scale per output row (symmetric) for every Linear, the LM head included.
+int8 (on request): one scale per output row (symmetric) for every Linear, the LM head included,
+and for GPT-2's Conv1D layers (the same product, their weight stored transposed).
 Each layer keeps its dense bfloat16 weight too, for prompts and batches of DENSE_FROM rows or
 more, where the dense product is the faster one (so batch throughput and prefill are those of
 bfloat16; the memory is that of bfloat16 plus ~70 MB).
@@ -278,15 +279,27 @@ def _classes() -> tuple[type, type, type]:
     return Int4Linear, Int8Linear, Int8BlocksLinear
 
 
-def linear_names(model: Any, head: bool = True) -> list[str]:
-    """The Linear layers that can be quantized: every one whose input width is a whole number
-    of blocks. The LM head is last, when it is a Linear and ``head`` is true."""
+def dense_weight(module: Any) -> Any | None:
+    """A layer's weight as a Linear holds it, (out, in): a Linear's own, or the transpose (a
+    view) of transformers' Conv1D (GPT-2's layers, which keep theirs as (in, out) and compute
+    ``addmm(bias, x, weight)``: the same product); None for any other module."""
     import torch
 
+    if isinstance(module, torch.nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return module.weight.t()
+    return None
+
+
+def linear_names(model: Any, head: bool = True) -> list[str]:
+    """The Linear (and Conv1D) layers that can be quantized: every one whose input width is a
+    whole number of blocks. The LM head is last, when it is a Linear and ``head`` is true."""
     out = model.get_output_embeddings()
     names, last = [], []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module.in_features % GROUP == 0:
+        weight = dense_weight(module)
+        if weight is not None and weight.shape[1] % GROUP == 0:
             (last if module is out else names).append(name)
     return names + (last if head else [])
 
@@ -309,7 +322,7 @@ def quantize_state(model: Any, kind: str) -> tuple[dict[str, Any], bool]:
         if parts.pop("exact"):
             state.update({f"{head}.{key}": value for key, value in parts.items()})
     for name in linear_names(model, head=kind == "int8"):
-        weight = model.get_submodule(name).weight
+        weight = dense_weight(model.get_submodule(name))
         if kind == "int8":
             parts = int8_rows(weight)
         else:
@@ -333,7 +346,7 @@ def apply(model: Any, state: dict[str, Any]) -> int:
     for name in names:
         old = model.get_submodule(name)
         parts = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.rsplit(".", 1)[0] == name}
-        new = module_for(parts, old.weight, old.bias)
+        new = module_for(parts, dense_weight(old), old.bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     return len(names)
