@@ -202,3 +202,23 @@ def test_the_quantized_cache_read_in_pieces_is_the_whole_state(tmp_path, monkeyp
     assert exact and set(got) == set(state)
     for key, value in state.items():
         assert torch.equal(got[key], value) and got[key].data_ptr() % 64 == 0
+
+
+def test_one_sequence_keeps_bfloat16_keys_in_float32_and_several_slots_in_bfloat16():
+    """The same attention either way (bfloat16 converts to float32 exactly): one slot stores
+    float32 (no conversion a step), several slots keep the model's dtype (half the memory)."""
+    import torch
+
+    one = lean_llama.KVCache(2, 1, 8, 4, torch.bfloat16)
+    many = lean_llama.KVCache(2, 1, 8, 4, torch.bfloat16, slots=3)
+    plain = lean_llama.KVCache(2, 1, 8, 4, torch.float32, slots=3)
+    assert (one.keys.dtype, many.keys.dtype, plain.values.dtype) == (
+        torch.float32, torch.bfloat16, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 4, generator=g).to(torch.bfloat16) for _ in range(3))
+    k, v = k[:, :1], v[:, :1]  # one KV head for two query heads
+    for cache in (one, many):
+        got = [cache.attend(i, q, k, v, 0, None, 0.5) for i in range(2)]
+        assert got[0].dtype == torch.bfloat16
+    assert torch.equal(one.attend(0, q, k, v, 0, None, 0.5),
+                       many.attend(0, q, k, v, 0, None, 0.5))

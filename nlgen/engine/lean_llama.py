@@ -72,16 +72,19 @@ class KVCache:
     path computes it: one sequence at a time (:meth:`attend`: a prompt, or one token) or one
     new token for each of the first S slots at its own position (:meth:`attend_rows`).
 
-    A bfloat16 model's keys and values are kept in float32, the dtype :func:`sdpa` attends in:
-    the same values (bfloat16 converts to float32 exactly), converted once when stored instead
-    of all of them again at every step."""
+    One sequence's cache (``slots`` 1: a prompt decoded alone, the latency that matters at a
+    terminal) keeps a bfloat16 model's keys and values in float32, the dtype :func:`sdpa`
+    attends in: the same values (bfloat16 converts to float32 exactly), converted once when
+    stored instead of all of them again at every step. A cache of several slots (batches,
+    ``nlgen serve``: 8 slots x 2048 positions of the built-in model are 377 MB in bfloat16)
+    stays in the model's dtype, at half the memory; the numbers are the same either way."""
 
     def __init__(self, layers: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: Any, slots: int = 1) -> None:
         import torch
 
         shape = (layers, slots, kv_heads, max_len, head_dim)
-        dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+        dtype = torch.float32 if dtype == torch.bfloat16 and slots == 1 else dtype
         self.keys = torch.zeros(shape, dtype=dtype)  # (layers, slots, KV, L, D)
         self.values = torch.zeros(shape, dtype=dtype)
         self.max_len = max_len
@@ -154,10 +157,10 @@ def sdpa(q: Any, k: Any, v: Any, *, mask: Any, scale: float, causal: bool) -> An
     by repeating k/v as transformers' repeat_kv does (the same numbers, more memory).
 
     bfloat16 q/k/v are attended in float32 (the same values: bfloat16 converts to float32
-    exactly; :class:`KVCache` keeps k/v so) and the output rounded back to q's bfloat16:
-    torch's bfloat16 CPU kernel rounds
-    the attention weights to bfloat16 before they meet v, and is the slower one (one token over
-    140 cached: 80 vs 46 us; over 600: 328 vs 89 us, measured with torch 2.13 on 2 cores)."""
+    exactly; :class:`KVCache` keeps one sequence's k/v so) and the output rounded back to q's
+    bfloat16: torch's bfloat16 CPU kernel rounds the attention weights to bfloat16 before they
+    meet v, and is the slower one (one token over 140 cached: 80 vs 46 us; over 600: 328 vs 89
+    us, measured with torch 2.13 on 2 cores)."""
     import torch
     import torch.nn.functional as F
 
@@ -165,7 +168,7 @@ def sdpa(q: Any, k: Any, v: Any, *, mask: Any, scale: float, causal: bool) -> An
 
     dtype = q.dtype
     if dtype == torch.bfloat16:
-        q, k, v = q.float(), k.float(), v.float()  # k, v from the cache: float32 already
+        q, k, v = q.float(), k.float(), v.float()  # one slot's k, v: float32 already
     groups = q.shape[1] // k.shape[1]
     if groups == 1:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
