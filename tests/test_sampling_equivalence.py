@@ -29,6 +29,10 @@ CASES = {
     "eta": {"do_sample": True, "top_k": 0, "eta_cutoff": 3e-3},
     "repetition-penalty": {"do_sample": True, "top_k": 0, "repetition_penalty": 1.5},
     "no-repeat-ngram": {"do_sample": True, "top_k": 50, "no_repeat_ngram_size": 2},
+    "no-repeat-unigram": {"do_sample": True, "top_k": 0, "no_repeat_ngram_size": 1},
+    "no-repeat-4gram": {"do_sample": True, "top_k": 0, "no_repeat_ngram_size": 4},
+    "no-repeat-ngram-longer-than-the-text": {"do_sample": True, "top_k": 0,
+                                             "no_repeat_ngram_size": 30},
     "bad-words": {"do_sample": True, "top_k": 0, "bad_words_ids": [[99], [8, 9, 42], [17, 3]]},
     "min-new-tokens": {"do_sample": True, "top_k": 0, "min_new_tokens": 10},
     "min-length": {"do_sample": True, "top_k": 0, "min_length": 30},
@@ -148,3 +152,26 @@ def test_the_chi_square_test_can_fail():
     assert _chi_square_p(counts, probs) < 1e-3
     same = torch.multinomial(probs, 20_000, replacement=True, generator=generator)
     assert _chi_square_p(torch.bincount(same, minlength=VOCAB).double(), probs) > 1e-3
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_no_repeat_ngram_kept_up_to_date_equals_transformers_at_every_step(size):
+    """nlgen's NoRepeatNGram indexes a growing sequence once; at every length, and for another
+    sequence given to the same object afterwards, it bans what transformers' own class bans."""
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from nlgen.engine.choosing import NoRepeatNGram
+
+    ours, theirs = NoRepeatNGram(size), NoRepeatNGramLogitsProcessor(size)
+    other = [9, 9, 8, 9, 9, 7, 17, 42]
+    sequences = [TOKENS[:k] for k in range(1, len(TOKENS) + 1)] + [other, TOKENS[:5], TOKENS]
+    banning = 0
+    for i, tokens in enumerate(sequences):
+        ids = torch.tensor([tokens])
+        scores = _scores(i)
+        expected = theirs(ids, scores.clone())
+        got = ours(ids, scores.clone())
+        assert torch.equal(got, expected), (size, tokens)
+        banning += bool(torch.isinf(expected).any())
+    assert banning >= 3  # the text repeats itself: many steps have something to ban

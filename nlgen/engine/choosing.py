@@ -40,14 +40,15 @@ def as_list(value: Any) -> list[int]:
 
 def processors(config: Any, prompt_length: int) -> Any:
     """generate()'s processors that come before its warpers, for one unpadded sequence whose
-    prompt has ``prompt_length`` tokens (transformers' own classes); None when there are none."""
+    prompt has ``prompt_length`` tokens (transformers' own classes, or nlgen's equal ones:
+    :class:`NoRepeatNGram`, :class:`NoEosBefore`); None when there are none."""
     from transformers import generation as g
 
     found = g.LogitsProcessorList()
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         found.append(g.RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
     if config.no_repeat_ngram_size:
-        found.append(g.NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+        found.append(NoRepeatNGram(config.no_repeat_ngram_size))
     eos = as_list(config.eos_token_id)
     if getattr(config, "bad_words_ids", None):
         found.append(g.NoBadWordsLogitsProcessor(config.bad_words_ids, eos))
@@ -56,6 +57,43 @@ def processors(config: Any, prompt_length: int) -> Any:
     if config.min_new_tokens and eos:
         found.append(NoEosBefore(eos, config.min_new_tokens, prompt_length))
     return found or None
+
+
+class NoRepeatNGram:
+    """What transformers' NoRepeatNGramLogitsProcessor gives (every token that would repeat an
+    n-gram of the sequence at -inf), kept up to date as one sequence grows instead of built
+    again from all its tokens at every step. Each row's n-grams are indexed once (prefix of
+    n - 1 tokens -> the tokens that followed it); a row that is not the last call's row plus
+    new tokens is indexed again from its start."""
+
+    def __init__(self, ngram_size: int) -> None:
+        self.n = ngram_size
+        self.rows: list[tuple[Any, dict[tuple[int, ...], set[int]]]] = []  # (ids seen, index)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        n, length = self.n, input_ids.shape[-1]
+        if length + 1 < n:  # no complete n-gram can end at the next token
+            return scores
+        if len(self.rows) != input_ids.shape[0]:
+            self.rows = [(input_ids[r, :0], {}) for r in range(input_ids.shape[0])]
+        scores = scores.clone()
+        for r, row in enumerate(input_ids):
+            seen, index = self.rows[r]
+            done = seen.shape[0]
+            if done > length or not torch.equal(row[:done], seen):
+                done, index = 0, {}
+            tokens = row[max(done - n + 1, 0):].tolist()  # what the new n-grams need
+            offset = max(done - n + 1, 0)
+            for end in range(max(done, n - 1), length):  # each n-gram ending at `end`
+                prefix = tuple(tokens[end - n + 1 - offset:end - offset])
+                index.setdefault(prefix, set()).add(tokens[end - offset])
+            self.rows[r] = (row.clone(), index)
+            banned = index.get(tuple(tokens[len(tokens) - n + 1:]) if n > 1 else (), ())
+            if banned:
+                scores[r, list(banned)] = -float("inf")
+        return scores
 
 
 class NoEosBefore:
