@@ -160,6 +160,21 @@ def one_at_a_time(ids, first):
     return [(0, first)] + [(i, i + 1) for i in range(first, ids.shape[1])]
 
 
+def greedy_both(model):
+    """(prompt ids, nlgen's loop's output, generate()'s output) for NEW greedy tokens, the
+    reference with its attention in float32 as the lean forward computes it in bfloat16."""
+    import torch
+
+    ids = prompt()
+    run = decode.runner(loaded(model), greedy_config(), rows=1, engine="nlgen")
+    with torch.inference_mode():
+        with attention_in_float32(model):
+            expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      generation_config=greedy_config(), max_new_tokens=NEW)
+        got = run(input_ids=ids, max_new_tokens=NEW)
+    return ids, got, expected
+
+
 # ----------------------------------------------------------------------------- served
 
 
@@ -169,14 +184,7 @@ def test_greedy_64_tokens_equal_generate(name, dtype):
     import torch
 
     model = build(name, dtype)
-    lm = loaded(model)
-    ids = prompt()
-    run = decode.runner(lm, greedy_config(), rows=1, engine="nlgen")
-    with torch.inference_mode():
-        with attention_in_float32(model):
-            expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                      generation_config=greedy_config(), max_new_tokens=NEW)
-        got = run(input_ids=ids, max_new_tokens=NEW)
+    ids, got, expected = greedy_both(model)
     assert expected.shape == (1, ids.shape[1] + NEW)
     assert got.tolist() == expected.tolist()
     assert len(set(got[0, ids.shape[1]:].tolist())) > 8  # a real text, not one token repeated
@@ -468,14 +476,7 @@ def test_int8_gpt2_runs_on_the_engine_equal_to_generate(name):
         step = dense.abs().amax(dim=1, keepdim=True) / 127  # steps x 2^-8 at most)
         assert bool(((rebuilt - dense).abs() <= step * (0.5 + 127 / 256) * 1.01).all()), n
     assert lean_gpt2.reason(model) is None
-    lm = loaded(model)
-    ids = prompt()
-    run = decode.runner(lm, greedy_config(), rows=1, engine="nlgen")
-    with torch.inference_mode():
-        with attention_in_float32(model):
-            expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                      generation_config=greedy_config(), max_new_tokens=NEW)
-        got = run(input_ids=ids, max_new_tokens=NEW)
+    ids, got, expected = greedy_both(model)
     assert got.tolist() == expected.tolist()
     assert len(set(got[0, ids.shape[1]:].tolist())) > 8
     assert isinstance(slots._made.get(model), lean_weights.GPT2Weights)

@@ -84,13 +84,12 @@ class NoRepeatNGram:
             done = seen.shape[0]
             if done > length or not torch.equal(row[:done], seen):
                 done, index = 0, {}
-            tokens = row[max(done - n + 1, 0):].tolist()  # what the new n-grams need
             offset = max(done - n + 1, 0)
-            for end in range(max(done, n - 1), length):  # each n-gram ending at `end`
-                prefix = tuple(tokens[end - n + 1 - offset:end - offset])
-                index.setdefault(prefix, set()).add(tokens[end - offset])
+            tokens = row[offset:].tolist()  # what the new n-grams and the last prefix need
+            for end in range(max(done, n - 1) - offset, length - offset):  # n-grams' last
+                index.setdefault(tuple(tokens[end - n + 1:end]), set()).add(tokens[end])
             self.rows[r] = (row.clone(), index)
-            banned = index.get(tuple(tokens[len(tokens) - n + 1:]) if n > 1 else (), ())
+            banned = index.get(tuple(tokens[len(tokens) - n + 1:]), ())
             if banned:
                 scores[r, list(banned)] = -float("inf")
         return scores
