@@ -181,7 +181,6 @@ def greedy_both(model):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", list(SERVED))
 def test_greedy_64_tokens_equal_generate(name, dtype):
-    import torch
 
     model = build(name, dtype)
     ids, got, expected = greedy_both(model)
