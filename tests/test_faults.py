@@ -413,6 +413,40 @@ KILL_RANK_1 = textwrap.dedent("""
 """)
 
 
+SIGTERM_WHILE_DIAGNOSING = textwrap.dedent("""
+    import os, signal, time
+    import typer
+    from nlgen.cli import runtime
+    from nlgen.jobs.distributed import DistributedError
+
+    def diagnosis(kwargs):
+        # What the launcher does on a lost rank: its SIGTERM comes while rank 0 looks for it.
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        return DistributedError("rank 1 stopped before the job was done", origin_rank=1)
+
+    runtime._lost_peer = diagnosis
+
+    @runtime.guard
+    def job():
+        raise RuntimeError("gloo: connection closed by peer")
+
+    try:
+        job()
+    except typer.Exit as exc:  # what the app would turn into the exit status
+        raise SystemExit(exc.exit_code)
+""")
+
+
+def test_a_sigterm_while_rank_0_names_the_lost_rank_does_not_silence_it():
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_DIAGNOSING], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Error: rank 1 stopped before the job was done" in proc.stderr, proc.stderr
+    assert "bug in nlgen" not in proc.stderr
+
+
 def test_a_rank_killed_under_torchrun_is_one_line_on_rank_0(tiny_model, tmp_path):
     script = tmp_path / "kill_rank_1.py"
     script.write_text(KILL_RANK_1)

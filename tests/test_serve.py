@@ -307,6 +307,25 @@ def test_bad_requests_are_refused_and_the_server_goes_on(server, body, status, p
     assert post(server.url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 1})[0] == 200
 
 
+def test_a_body_far_over_the_limit_is_refused_before_it_is_sent(server):
+    """A Content-Length beyond what the server drains is answered at once, from the headers."""
+    from nlgen.serve.app import DRAIN_BYTES
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        conn.putrequest("POST", "/v1/completions")
+        conn.putheader("Authorization", f"Bearer {KEY}")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str((1 << 20) + DRAIN_BYTES + 1))
+        conn.endheaders()  # and no body: the answer must not wait for it
+        response = conn.getresponse()
+        assert response.status == 413
+        assert "--max-body" in json.loads(response.read())["error"]["message"]
+    finally:
+        conn.close()
+    assert post(server.url + "/v1/completions", {"prompt": PROMPT, "max_tokens": 1})[0] == 200
+
+
 def test_a_bad_chat_request(client):
     from openai import BadRequestError
 

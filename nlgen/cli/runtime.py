@@ -86,37 +86,46 @@ def guard(command: F) -> F:
         setup_logging(verbose=bool(kwargs.get("verbose")),
                       quiet=bool(kwargs.get("quiet")) or not main)
         quiet_libraries()
-        try:
-            with terminate_as_interrupt():
-                return command(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
-        except NlgenError as exc:
-            _fail(exc, main, kwargs.get("ctx"))
-        except KeyboardInterrupt:
-            _end_line_quietly()  # what was printed stays intact, its last line ended
-            lost = _lost_peer(kwargs) if _terminated else None
-            if lost is not None:  # the launcher stopped us because another rank died
-                _fail(lost, main, None)
-            if main:
-                error("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except BrokenPipeError:
-            # The reader (head, less, ...) has what it wanted: stop quietly, successfully.
-            silence_stdout()
-            raise typer.Exit(EXIT_OK) from None
-        except Exception as exc:
-            lost = _lost_peer(kwargs)  # a collective that lost its peer
-            if lost is not None:
-                _fail(lost, main, None)
-            if debug_enabled():
-                raise
-            flush_stdout_quietly()
-            error(f"unexpected {type(exc).__name__}: {exc}",
-                  hint="this is a bug in nlgen; NLGEN_DEBUG=1 shows the traceback")
-            raise typer.Exit(EXIT_FAILURE) from None
+        with terminate_noted():  # a SIGTERM while a failure is reported: see _guarded
+            return _guarded(command, main, args, kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _guarded(command: Callable[..., Any], main: bool, args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Any:
+    """Run ``command``, each failure mapped to its line and exit code. Once the command is
+    left, a SIGTERM is only noted (:func:`terminate_noted`): under a launcher it comes while
+    rank 0 is still finding out which rank was lost, and must not kill it before it says so."""
+    try:
+        with terminate_as_interrupt():
+            return command(*args, **kwargs)
+    except (typer.Exit, typer.Abort):
+        raise
+    except NlgenError as exc:
+        _fail(exc, main, kwargs.get("ctx"))
+    except KeyboardInterrupt:
+        _end_line_quietly()  # what was printed stays intact, its last line ended
+        lost = _lost_peer(kwargs) if _terminated else None
+        if lost is not None:  # the launcher stopped us because another rank died
+            _fail(lost, main, None)
+        if main:
+            error("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BrokenPipeError:
+        # The reader (head, less, ...) has what it wanted: stop quietly, successfully.
+        silence_stdout()
+        raise typer.Exit(EXIT_OK) from None
+    except Exception as exc:
+        lost = _lost_peer(kwargs)  # a collective that lost its peer
+        if lost is not None:
+            _fail(lost, main, None)
+        if debug_enabled():
+            raise
+        flush_stdout_quietly()
+        error(f"unexpected {type(exc).__name__}: {exc}",
+              hint="this is a bug in nlgen; NLGEN_DEBUG=1 shows the traceback")
+        raise typer.Exit(EXIT_FAILURE) from None
 
 
 def _fail(exc: NlgenError, main: bool, ctx: typer.Context | None) -> NoReturn:
@@ -152,6 +161,20 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 
 @contextmanager
+def terminate_noted() -> Iterator[None]:
+    """A SIGTERM is only noted, not acted on, until the block ends (the previous handler is
+    then put back): around a command's failure mapping, which is short and ends the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _note_terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def stop_signals(stop: Callable[[bool], None]) -> Iterator[None]:
     """Ctrl-C and SIGTERM end a server (``nlgen serve``) its own way instead of interrupting it
     where it stands: ``stop(True)`` for Ctrl-C (requests in flight cancelled, exit 130),
@@ -173,9 +196,13 @@ _terminated = False  # the interruption was a SIGTERM (under a launcher: a rank 
 
 
 def _interrupt(signum: int, frame: Any) -> None:
+    _note_terminate(signum, frame)
+    raise KeyboardInterrupt
+
+
+def _note_terminate(signum: int, frame: Any) -> None:
     global _terminated
     _terminated = True
-    raise KeyboardInterrupt
 
 
 def is_main_process() -> bool:
