@@ -6,9 +6,11 @@ Measures, on the same machine in the same run:
      its default sampling (--seed 0) and with top-p 0.9 + no-repeat n-gram 2, against
      llama.cpp's `llama-bench` tg{n} on the same GGUF; sampling's cost per token over greedy;
   2. GPT-2-small shapes (12 layers x 768, vocabulary 50257, random weights saved as a local
-     model directory, bfloat16): nlgen's loop against transformers' generate() on the same
-     loaded model (`--engine transformers`, which is plain generate()); and the same model
-     with `--quantize int8` (int8 rows: other numbers, half the bytes) on nlgen's loop;
+     model directory, bfloat16): nlgen's loop (its products packed in oneDNN's layout on first
+     use, nlgen.engine.packed) against transformers' generate() on a second load of the same
+     files that nlgen's loop never touched (`--engine transformers`: plain generate()); and
+     the same model with `--quantize int8` (int8 rows: other numbers, half the bytes) on
+     nlgen's loop;
   3. batches of 1, 8 and 32 prose prompts x 32 tokens on the built-in model, greedy and seeded
      sampling: nlgen's loop (`--engine nlgen`) against generate() (`--engine transformers`),
      the same loaded model and options;
@@ -176,15 +178,21 @@ def main() -> None:  # noqa: C901  (one table, built in order)
     # 2. GPT-2-small shapes: nlgen's loop vs generate() on the same loaded model
     with tempfile.TemporaryDirectory() as tmp:
         path = gpt2_small(Path(tmp) / "gpt2-small-random", str(lm.source))
+        # Two loads of the same files: nlgen's loop packs its model's bfloat16 products in
+        # oneDNN's layout on first use (nlgen.engine.packed), which generate() would then use
+        # too; the baseline is transformers on a model nlgen's loop never touched.
         g2 = loading.load_model(str(path), device="cpu", dtype="bfloat16")
+        g2_plain = loading.load_model(str(path), device="cpu", dtype="bfloat16")
         sides = {e: GenerationOptions(greedy=True, max_new_tokens=n, min_new_tokens=n, engine=e)
                  for e in ("nlgen", "transformers")}
-        for opts in sides.values():
-            tps(g2, [PROMPT], opts)
+        model_of = {"nlgen": g2, "transformers": g2_plain}
+        for e, opts in sides.items():
+            tps(model_of[e], [PROMPT], opts)
+        assert type(g2_plain.model.lm_head).__name__ == "Linear", "the baseline was packed"
         g2_speeds: dict[str, list[float]] = {e: [] for e in sides}
         for _ in range(reps):
             for e, opts in sides.items():
-                g2_speeds[e].append(tps(g2, [PROMPT], opts))
+                g2_speeds[e].append(tps(model_of[e], [PROMPT], opts))
         a, b = median(g2_speeds["nlgen"]), median(g2_speeds["transformers"])
         add(Row(f"GPT-2-small shapes (random weights, bfloat16), greedy, {n} tokens: nlgen's "
                 "loop vs transformers generate()", f"{a:.1f} tok/s", f"{b:.1f} tok/s",
@@ -199,11 +207,11 @@ def main() -> None:  # noqa: C901  (one table, built in order)
         q_speeds, base = [], []
         for _ in range(reps):
             q_speeds.append(tps(g2q, [PROMPT], quick))
-            base.append(tps(g2, [PROMPT], sides["transformers"]))
+            base.append(tps(g2_plain, [PROMPT], sides["transformers"]))
         a, b = median(q_speeds), median(base)
         add(Row(f"GPT-2-small shapes, `--quantize int8` on nlgen's loop vs bfloat16 generate(), "
                 f"greedy, {n} tokens", f"{a:.1f} tok/s", f"{b:.1f} tok/s", ratio(a, b, "speed")))
-        del g2, g2q
+        del g2, g2q, g2_plain
 
     # 3. batches on the built-in model: nlgen's loop vs generate(), greedy and sampling
     prompts = prose_prompts(32)

@@ -479,3 +479,83 @@ def test_int8_gpt2_runs_on_the_engine_equal_to_generate(name):
     assert got.tolist() == expected.tolist()
     assert len(set(got[0, ids.shape[1]:].tolist())) > 8
     assert isinstance(slots._made.get(model), lean_weights.GPT2Weights)
+
+
+# ----------------------------------------------------------------------------- packed bfloat16
+
+
+def packing_or_skip() -> None:
+    from nlgen.models import capabilities
+
+    why = capabilities.packed_bf16()
+    if why is not None:
+        pytest.skip(why)
+
+
+def test_packed_products_are_addmms_bits_at_gpt2_small_shapes():
+    """nlgen.engine.packed's claim at the shapes it is used at (the probe checks small ones)."""
+    packing_or_skip()
+    import torch
+
+    from nlgen.engine import packed
+
+    made = packed.packed_linear_class()
+    g = torch.Generator().manual_seed(0)
+    for (inp, out), bias in (((768, 2304), True), ((768, 768), True), ((768, 3072), True),
+                             ((3072, 768), True), ((768, 50257), False)):
+        weight = (torch.randn(inp, out, generator=g) * 0.02).to(torch.bfloat16)  # (in, out)
+        b = (torch.randn(out, generator=g) * 0.02).to(torch.bfloat16) if bias else None
+        layer = made(weight.T, b)
+        for rows in (1, 7):
+            x = torch.randn(1, rows, inp, generator=g).to(torch.bfloat16)
+            want = torch.addmm(b, x[0], weight) if b is not None else x[0] @ weight
+            assert torch.equal(layer(x), want[None]), (inp, out, rows)
+
+
+def test_the_engine_packs_a_bfloat16_gpt2_and_generate_keeps_its_tokens():
+    packing_or_skip()
+    import torch
+
+    from nlgen.engine import packed
+
+    model = build("gpt2", "bfloat16")
+    ids = prompt()
+
+    def stock():
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  generation_config=greedy_config(), max_new_tokens=NEW).tolist()
+
+    before = stock()
+    conv_values = sum(m.weight.numel() for m in model.modules() if type(m).__name__ == "Conv1D")
+    values = sum(p.numel() for p in model.parameters())
+    _, got, expected = greedy_both(model)  # the loop's first run packs the model
+    assert got.tolist() == expected.tolist()
+    layers = {n: type(m).__name__ for n, m in model.named_modules()
+              if n.endswith(packed.GPT2_LAYERS) or n == "lm_head"}
+    assert len(layers) == 4 * 2 + 1 and set(layers.values()) == {packed.PACKED}
+    # The plain weights are let go (the embeddings keep the tied table) ...
+    assert sum(p.numel() for p in model.parameters()) == values - conv_values
+    assert model.transformer.wte.weight.shape == (V, 32)
+    # ... and generate(), which calls the same modules, gives the same tokens as before.
+    assert stock() == before
+    assert lean_gpt2.reason(model) is None
+    assert packed.pack(model) == 0  # once
+
+
+def test_packing_leaves_other_models_alone_and_says_when_the_machine_cannot(monkeypatch,
+                                                                           caplog):
+    from nlgen.engine import packed
+
+    assert packed.pack(build("gpt2")) == 0  # float32: its own products
+    training = build("gpt2", "bfloat16").train()
+    assert packed.pack(training) == 0
+    assert packed.pack(build("llama", "bfloat16")) == 0
+    monkeypatch.setattr(packed.capabilities, "packed_bf16", lambda: "no oneDNN here")
+    model = build("gpt2", "bfloat16")
+    with caplog.at_level(logging.INFO, logger="nlgen"):
+        assert packed.pack(model) == 0
+    assert "plain layout (no oneDNN here)" in caplog.text
+    _, got, expected = greedy_both(model)  # and the loop runs on the plain layers
+    assert got.tolist() == expected.tolist()
+    assert type(model.lm_head).__name__ == "Linear"

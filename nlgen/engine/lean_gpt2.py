@@ -7,10 +7,12 @@ input and its (in, out) weight, the attention scale each ``GPT2Attention`` compu
 model's own activation module (``activation_function``), the LM head (tied to the token
 embeddings, or quantized) on the last position only. A layer that nlgen.models.quantized
 replaced (``--quantize int8``: int8 rows, half the bytes a token of bfloat16) is called as the
-module that ``generate()`` calls too. Around it: a key/value cache preallocated
-for the whole request, as nlgen.engine.lean_llama's, and none of the module calls, cache and
-mask bookkeeping and output objects of ``model(...)``. In bfloat16 the attention is computed
-in float32 (nlgen.engine.lean_llama.sdpa: faster on the CPU, and closer to exact).
+module that ``generate()`` calls too, and so is a packed bfloat16 layer (nlgen.engine.packed:
+the products in oneDNN's own weight layout, addmm's bits in ~55% of the time). Around it: a
+key/value cache preallocated for the whole request, as nlgen.engine.lean_llama's, and none of
+the module calls, cache and mask bookkeeping and output objects of ``model(...)``. In bfloat16
+the attention is computed in float32 (nlgen.engine.lean_llama.sdpa: faster on the CPU, and
+closer to exact).
 
 :func:`reason` rules out what it does not compute exactly (cross-attention,
 ``reorder_and_upcast_attn``, layers that are not transformers' own Conv1D / LayerNorm, such as
@@ -26,14 +28,16 @@ from typing import Any
 
 from nlgen.engine.lean_llama import KVCache, model_reason
 from nlgen.engine.lean_weights import GPT2, GPT2Weights, config_reason
+from nlgen.engine.packed import PACKED
 
 ARCHITECTURES = (GPT2,)
 # The module classes whose tensors the forward reads directly (anything else, a LoRA layer
 # wrapped around a Conv1D for one, computes something else), and nlgen's quantized layers that
-# may stand in for a Conv1D (called as modules: the same call generate() makes).
+# may stand in for a Conv1D (called as modules: the same call generate() makes), and the
+# packed bfloat16 layer (nlgen.engine.packed: addmm's bits, from oneDNN's layout).
 OWN_MODULES = {"attn.c_attn": "Conv1D", "attn.c_proj": "Conv1D", "mlp.c_fc": "Conv1D",
                "mlp.c_proj": "Conv1D", "ln_1": "LayerNorm", "ln_2": "LayerNorm"}
-QUANTIZED = ("Int8Linear", "Int4Linear")
+STAND_INS = ("Int8Linear", "Int4Linear", PACKED)
 
 
 def reason(model: Any) -> str | None:
@@ -48,7 +52,7 @@ def reason(model: Any) -> str | None:
     for i, block in enumerate(body.h):
         for name, kind in OWN_MODULES.items():
             found = type(block.get_submodule(name)).__name__
-            if found != kind and not (kind == "Conv1D" and found in QUANTIZED):
+            if found != kind and not (kind == "Conv1D" and found in STAND_INS):
                 return f"layer transformer.h.{i}.{name} is a {found}, not a {kind}"
     return None
 
@@ -59,10 +63,10 @@ def supports(model: Any) -> bool:
 
 def _conv(x: Any, layer: Any) -> Any:
     """transformers' Conv1D: (..., in) -> (..., out), ``addmm(bias, x, weight)``; a quantized
-    layer in its place computes itself."""
+    or packed layer in its place computes itself."""
     import torch
 
-    if type(layer).__name__ in QUANTIZED:
+    if type(layer).__name__ != "Conv1D":
         return layer(x)
     out = torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight)  # (M, out)
     return out.view(*x.shape[:-1], -1)

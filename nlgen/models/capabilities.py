@@ -1,12 +1,15 @@
 """What this torch can do for the engine, probed once on tiny inputs.
 
-The lean forwards use two things that torch does not promise across releases: grouped-query
-attention inside ``scaled_dot_product_attention`` (its ``enable_gqa`` flag, torch >= 2.5) and
-the private CPU int4 kernels (``_convert_weight_to_int4pack_for_cpu`` and
-``_weight_int4pack_mm_for_cpu``) that nlgen.models.quantized packs weights for. Each is tried
-once per process, on inputs of a few bytes, and compared with the plain computation; where it is
-missing or gives other numbers, the engine repeats k/v heads instead (the same numbers) or keeps
-the weights dense (nlgen.models.quantized), with a -v notice, never an error.
+The lean forwards use three things that torch does not promise across releases: grouped-query
+attention inside ``scaled_dot_product_attention`` (its ``enable_gqa`` flag, torch >= 2.5), the
+private CPU int4 kernels (``_convert_weight_to_int4pack_for_cpu`` and
+``_weight_int4pack_mm_for_cpu``) that nlgen.models.quantized packs weights for, and oneDNN's
+bfloat16 weights laid out in its own blocks (``mkldnn._reorder_linear_weight`` and
+``mkldnn._linear_pointwise``, nlgen.engine.packed). Each is tried once per process, on small
+inputs, and compared with the plain computation; where it is missing or gives other numbers,
+the engine repeats k/v heads instead (the same numbers), keeps the weights dense
+(nlgen.models.quantized) or keeps the plain bfloat16 products, with a -v notice, never an
+error.
 
 torch is imported inside the functions that use it.
 """
@@ -76,4 +79,37 @@ def int4_kernels() -> str | None:
     except (RuntimeError, TypeError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return f"torch's CPU int4 kernels failed on a test weight ({first})"
+    return None
+
+
+@functools.cache
+def packed_bf16() -> str | None:
+    """None when oneDNN's packed bfloat16 product gives ``addmm``'s exact bits on this machine
+    (one row and several, a bias and none); else why not (nlgen.engine.packed then leaves the
+    weights as they are)."""
+    import torch
+
+    try:
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        product = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return f"torch {torch.__version__} has no packed oneDNN products"
+    try:
+        if not (torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return "this CPU or torch build has no oneDNN bfloat16"
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(96, 256, generator=generator).to(torch.bfloat16)  # (out, in)
+        bias = torch.randn(96, generator=generator).to(torch.bfloat16)
+        x = torch.randn(5, 256, generator=generator).to(torch.bfloat16)
+        packed = reorder(weight, 1)
+        for rows in (x[:1], x):
+            for b in (bias, None):
+                got = product(rows, packed, b, "none", [], "")
+                want = rows @ weight.T if b is None else torch.addmm(b, rows, weight.T)
+                if not torch.equal(got, want):
+                    return "oneDNN's packed bfloat16 product gave other bits than addmm"
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"oneDNN's packed bfloat16 product failed on a test weight ({first})"
     return None
