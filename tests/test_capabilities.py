@@ -47,3 +47,25 @@ def test_attention_without_enable_gqa_gives_the_same_numbers(monkeypatch):
     monkeypatch.setattr(capabilities, "sdpa_gqa", lambda: False)
     repeated = lean_llama.sdpa(q, k, v, mask=None, scale=8 ** -0.5, causal=True)
     assert torch.allclose(with_flag, repeated, atol=1e-6)
+
+
+def test_the_packed_bfloat16_check_sees_another_order_of_additions():
+    """The check behind nlgen.engine.packed: where torch's plain product is oneDNN's too, the
+    packed one adds in its order (any shape of real models); where torch leaves a product of
+    at most 16^3 multiplications to its own kernel, the sums differ and the check says so (a
+    64 x 64 layer at one row). With oneDNN switched off, every shape differs."""
+    import torch
+
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no oneDNN bfloat16")
+    assert capabilities.packed_bf16() is None
+    matches = capabilities.packed_bf16_matches.__wrapped__  # not the per-process memo
+    assert matches((576,), 576, False, "Linear")
+    assert matches((576, 192, 192), 576, True, "Linear")  # q/k/v side by side, with biases
+    assert matches((2304,), 768, True, "Conv1D")
+    assert not matches((64,), 64, False, "Linear")
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert not matches((576,), 576, False, "Linear")
+    finally:
+        torch.backends.mkldnn.enabled = True

@@ -512,13 +512,18 @@ def test_packed_products_are_addmms_bits_at_gpt2_small_shapes():
             assert torch.equal(layer(x), want[None]), (inp, out, rows)
 
 
+# Wide enough that oneDNN adds the plain products too (torch leaves products of at most 16^3
+# multiplications to another kernel; those layers stay plain): GPT-2's attn.c_proj (64 x 64)
+# stays plain, everything else is packed.
+WIDER_GPT2 = ("gpt2", {"n_embd": 64})
+WIDER_LLAMA = ("llama", {"hidden_size": 128, "intermediate_size": 256})
+
+
 def test_the_engine_packs_a_bfloat16_gpt2_and_generate_keeps_its_tokens():
     packing_or_skip()
     import torch
 
-    from nlgen.engine import packed
-
-    model = build("gpt2", "bfloat16")
+    model = build(WIDER_GPT2, "bfloat16")
     ids = prompt()
 
     def stock():
@@ -527,34 +532,65 @@ def test_the_engine_packs_a_bfloat16_gpt2_and_generate_keeps_its_tokens():
                                   generation_config=greedy_config(), max_new_tokens=NEW).tolist()
 
     before = stock()
-    conv_values = sum(m.weight.numel() for m in model.modules() if type(m).__name__ == "Conv1D")
     values = sum(p.numel() for p in model.parameters())
     _, got, expected = greedy_both(model)  # the loop's first run packs the model
     assert got.tolist() == expected.tolist()
-    layers = {n: type(m).__name__ for n, m in model.named_modules()
-              if n.endswith(packed.GPT2_LAYERS) or n == "lm_head"}
-    assert len(layers) == 4 * 2 + 1 and set(layers.values()) == {packed.PACKED}
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()
+             if n.endswith(lean_weights.GPT2_PRODUCTS) or n == "lm_head"}
+    assert kinds == {n: "Conv1D" if n.endswith("attn.c_proj") else "PackedLinear"
+                     for n in kinds} and len(kinds) == 4 * 2 + 1
     # The plain weights are let go (the embeddings keep the tied table) ...
-    assert sum(p.numel() for p in model.parameters()) == values - conv_values
-    assert model.transformer.wte.weight.shape == (V, 32)
+    packed_values = 2 * (64 * 192 + 64 * 256 + 256 * 64)
+    assert sum(p.numel() for p in model.parameters()) == values - packed_values
+    assert model.transformer.wte.weight.shape == (V, 64)
     # ... and generate(), which calls the same modules, gives the same tokens as before.
     assert stock() == before
     assert lean_gpt2.reason(model) is None
-    assert packed.pack(model) == 0  # once
+    assert lean_weights.pack(model) == 0  # once
+
+
+def test_a_packed_llama_is_the_same_model_from_the_files_and_in_place(tmp_path):
+    packing_or_skip()
+    import torch
+    from transformers import LlamaForCausalLM
+
+    build(WIDER_LLAMA).save_pretrained(tmp_path)
+    # Loaded as a user's model is (a model cast with .to() would have its RoPE frequencies in
+    # bfloat16 too; a loaded one keeps them in float32, as the weights read from the files do).
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    model.generation_config = greedy_config()
+    model.generation_config.save_pretrained(tmp_path)
+    ids = prompt(40, seed=3)
+    pieces = one_at_a_time(ids, 12)
+    with attention_in_float32(model):
+        expected = transformers_steps(model, ids, pieces)
+    files = lean_weights.from_files(tmp_path, "bfloat16", None)  # q/k/v and gate/up joined
+    assert all(layer.packed and layer.q_proj is None for layer in files.layers)
+    assert type(files.head).__name__ == "PackedLinear"
+    lean = lean_llama.LeanLlama(files, ids.shape[1])
+    with torch.inference_mode():
+        got = [lean.step(ids[:, a:b], a) for a, b in pieces]
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    # In place: the model's own modules, which generate() calls too.
+    _, got, want = greedy_both(model)
+    assert got.tolist() == want.tolist()
+    assert {type(m).__name__ for n, m in model.named_modules()
+            if n.endswith(lean_weights.LLAMA_PRODUCTS) or n == "lm_head"} == {"PackedLinear"}
+    assert all(torch.equal(g, e) for g, e in zip(
+        lean_steps(loaded(model), ids, pieces), expected, strict=True))
 
 
 def test_packing_leaves_other_models_alone_and_says_when_the_machine_cannot(monkeypatch,
                                                                            caplog):
     from nlgen.engine import packed
 
-    assert packed.pack(build("gpt2")) == 0  # float32: its own products
-    training = build("gpt2", "bfloat16").train()
-    assert packed.pack(training) == 0
-    assert packed.pack(build("llama", "bfloat16")) == 0
+    assert lean_weights.pack(build(WIDER_GPT2)) == 0  # float32: its own products
+    training = build(WIDER_GPT2, "bfloat16").train()
+    assert lean_weights.pack(training) == 0
     monkeypatch.setattr(packed.capabilities, "packed_bf16", lambda: "no oneDNN here")
-    model = build("gpt2", "bfloat16")
+    model = build(WIDER_GPT2, "bfloat16")
     with caplog.at_level(logging.INFO, logger="nlgen"):
-        assert packed.pack(model) == 0
+        assert lean_weights.pack(model) == 0
     assert "plain layout (no oneDNN here)" in caplog.text
     _, got, expected = greedy_both(model)  # and the loop runs on the plain layers
     assert got.tolist() == expected.tolist()

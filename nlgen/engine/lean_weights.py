@@ -24,10 +24,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from nlgen.engine import packed
 from nlgen.models import quantized
 
 LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # model_type -> class
 GPT2 = "GPT2LMHeadModel"
+# The products of a block, by architecture: what nlgen.engine.packed lays out in bfloat16.
+GPT2_PRODUCTS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LLAMA_PRODUCTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                  "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # RoPE types whose frequencies are fixed once made (transformers' ROPE_INIT_FUNCTIONS compute
 # them; "dynamic" and "longrope" change them with the sequence length, which we do not follow).
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -121,7 +126,9 @@ class GPT2Weights:
 
 def from_model(model: Any) -> Weights | GPT2Weights:
     """The weights of a loaded model that :func:`config_reason` accepts (shared, not copied;
-    fused where int4)."""
+    fused where int4; in bfloat16 on the CPU, the model's own products packed in place
+    first: :func:`pack`)."""
+    pack(model)
     generation_config = getattr(model, "generation_config", None)
     if type(model).__name__ == GPT2:
         body = model.transformer
@@ -135,6 +142,22 @@ def from_model(model: Any) -> Weights | GPT2Weights:
     return Weights(model.config, inner.embed_tokens.weight, inner.norm.weight, model.lm_head,
                    layers, inner.rotary_emb.inv_freq, inner.rotary_emb.attention_scaling,
                    generation_config)
+
+
+def pack(model: Any) -> int:
+    """Swap a loaded bfloat16 model's products (each block's, and the LM head) for packed ones
+    (nlgen.engine.packed: the same bits, in ~55% of the time, the plain weights let go;
+    generate() calls the same modules): how many, 0 for a model in training, on another
+    device or dtype, or on a machine where packing does not give addmm's bits."""
+    if model.training or not packed.usable(model.dtype, model.device.type):
+        return 0
+    if type(model).__name__ == GPT2:
+        swapped = sum(packed.swap(block, GPT2_PRODUCTS, "Conv1D") for block in model.transformer.h)
+    else:
+        swapped = sum(packed.swap(layer, LLAMA_PRODUCTS, "Linear")
+                      for layer in model.model.layers)
+    # A tied head gets its own packed copy: the embeddings keep the table they look up.
+    return swapped + packed.swap(model, ("lm_head",), "Linear")
 
 
 def with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
@@ -205,6 +228,7 @@ def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None,
         return module
 
     attn_bias, mlp_bias = _biases(config)
+    pack_dense = packed.usable(getattr(torch, dtype))  # dense bfloat16: oneDNN's layout
     layers = []
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -213,8 +237,11 @@ def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None,
             *(linear(p + "self_attn." + n, bias=n in attn_bias)
               for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
             *(linear(p + "mlp." + n, bias=mlp_bias) for n in ("gate_proj", "up_proj",
-                                                               "down_proj"))))
+                                                               "down_proj")),
+            pack=pack_dense))
     head = linear("lm_head", "model.embed_tokens" if tied else None)
+    if pack_dense:  # tied: its own packed copy; the table stays for the lookups
+        head = packed.joined([head]) or head
     rope = raw.get("rope_parameters") or {}
     base = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -274,11 +301,25 @@ class _Layer:
     """One decoder layer's weights, with q/k/v and gate/up fused where the kernel allows it."""
 
     def __init__(self, input_norm: Any, post_norm: Any, q_proj: Any, k_proj: Any, v_proj: Any,
-                 o_proj: Any, gate_proj: Any, up_proj: Any, down_proj: Any) -> None:
+                 o_proj: Any, gate_proj: Any, up_proj: Any, down_proj: Any,
+                 pack: bool = False) -> None:
+        """``pack``: the layers are nlgen's own (read from the files) and dense bfloat16 ones
+        are to be packed (nlgen.engine.packed), q/k/v and gate/up each as one product; the
+        plain weights are then let go, and the packed products serve every number of rows."""
         self.input_norm, self.post_norm = input_norm, post_norm
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.sizes = (q_proj.out_features, k_proj.out_features)
+        self.gate_width = gate_proj.out_features
+        joined = [packed.joined(group) if pack else None
+                  for group in ([q_proj, k_proj, v_proj], [gate_proj, up_proj], [o_proj],
+                                [down_proj])]
+        self.packed = all(product is not None for product in joined)
+        if self.packed:
+            self.fused_qkv, self.fused_gate_up, self.direct_o, self.direct_down = joined
+            self.q_proj = self.k_proj = self.v_proj = self.o_proj = None
+            self.gate_proj = self.up_proj = self.down_proj = None
+            return
         self.fused_qkv = fuse([q_proj, k_proj, v_proj])
         self.fused_gate_up = fuse([gate_proj, up_proj])
         # o and down alone: the same kernel call without the module's call machinery.
@@ -297,22 +338,23 @@ class _Layer:
         import torch
 
         q, k = self.sizes
-        if fused and self.fused_qkv is not None:
+        if (fused or self.packed) and self.fused_qkv is not None:
             out = self.fused_qkv(h)
             return out[..., :q + k], out[..., q + k:]
         return torch.cat((self.q_proj(h), self.k_proj(h)), dim=-1), self.v_proj(h)
 
     def o(self, h: Any, fused: bool) -> Any:
-        return self.direct_o(h) if fused and self.direct_o is not None else self.o_proj(h)
+        return (self.direct_o(h) if (fused or self.packed) and self.direct_o is not None
+                else self.o_proj(h))
 
     def down(self, h: Any, fused: bool) -> Any:
-        return (self.direct_down(h) if fused and self.direct_down is not None
+        return (self.direct_down(h) if (fused or self.packed) and self.direct_down is not None
                 else self.down_proj(h))
 
     def gate_up(self, h: Any, fused: bool) -> tuple[Any, Any]:
-        if fused and self.fused_gate_up is not None:
+        if (fused or self.packed) and self.fused_gate_up is not None:
             out = self.fused_gate_up(h)
-            return out[..., :self.gate_proj.out_features], out[..., self.gate_proj.out_features:]
+            return out[..., :self.gate_width], out[..., self.gate_width:]
         return self.gate_proj(h), self.up_proj(h)
 
 

@@ -3,19 +3,25 @@
 A token's step multiplies one row by every weight of the model: the products read the weights
 and do little else. torch's bfloat16 ``addmm``/``linear`` on a weight in its usual layout read
 them at 12-14 GB/s on the 2-core test machine, where the same machine streams 48 GB/s through a
-``sum`` (benchmarks/bench_engine.py, README "The engine"). The same weights laid out once by
+``sum`` (README "The engine"). The same weights laid out once by
 ``torch.ops.mkldnn._reorder_linear_weight`` (oneDNN's blocked format) are read by
 ``torch.ops.mkldnn._linear_pointwise`` in ~55% of the time: 48 products of GPT-2-small's shapes,
-8.1 instead of 14.0 ms, at 1, 20 and 200 rows alike. It is the same oneDNN arithmetic (float32
-sums, rounded once to bfloat16): the outputs are ``addmm``'s bit for bit, which
-nlgen.models.capabilities.packed_bf16 checks once per process before anything is packed
-(tests/test_engine_equivalence.py on GPT-2-small's shapes too).
+8.1 instead of 14.0 ms, and faster at 20 and 200 rows as well. It is the same oneDNN
+arithmetic (float32 sums in the same order, rounded once to bfloat16): the outputs are
+``addmm``'s bit for bit. nlgen.models.capabilities checks that once per process, and once per
+shape of product before a layer of that shape is packed (rows built so that any other order
+of additions shows); a shape where it does not hold (torch leaves the smallest products to
+another kernel) keeps its plain layer. tests/test_engine_equivalence.py holds the engine to
+transformers with packed layers.
 
-:func:`pack` swaps, in a loaded bfloat16 GPT-2 on the CPU that is not training, each Conv1D of
-the blocks and the LM head for a :class:`PackedLinear` holding its packed weight; the plain
-weights are let go (no second copy), and ``generate()`` calls the same modules, so both loops
-gain, and they still compute the same bits. The model is for inference from then on (a model to
-train or to save is loaded afresh, as every command does).
+Two ways in (nlgen.engine.lean_weights decides which layers):
+
+- :func:`swap`: in a loaded model, layers are replaced by :class:`PackedLinear` modules; the plain
+  weights are let go (no second copy), and ``generate()`` calls the same modules, so both loops
+  gain and still compute the same bits. The model is for inference from then on (a model to
+  train or to save is loaded afresh, as every command does).
+- :func:`joined`: layers that read the same input (q/k/v, gate/up) as one packed product (the
+  outputs side by side), for weights nlgen read from the files itself and owns.
 
 torch is imported inside the functions that use it.
 """
@@ -30,7 +36,6 @@ from nlgen.models import capabilities
 log = logging.getLogger("nlgen")
 
 PACKED = "PackedLinear"  # the class name the lean forwards recognise
-GPT2_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 _class: type | None = None
 
@@ -60,36 +65,71 @@ def packed_linear_class() -> type:
                 return (f"in_features={self.in_features}, out_features={self.out_features}, "
                         f"bias={self.bias is not None}, oneDNN-packed bfloat16")
 
-        PackedLinear.__name__ = PACKED
+        PackedLinear.__name__ = PackedLinear.__qualname__ = PACKED
         _class = PackedLinear
     return _class
 
 
-def pack(model: Any) -> int:
-    """Swap a GPT-2's plain bfloat16 products for packed ones (see the module's notes): how many
-    layers were swapped (0 where the model, its device or dtype, or this machine does not allow
-    it; -v says why when it is the machine)."""
-    if type(model).__name__ != "GPT2LMHeadModel" or getattr(model, "training", True):
-        return 0
+def usable(dtype: Any, device: str = "cpu") -> bool:
+    """Whether bfloat16 products on ``device`` get packed on this machine (-v says why not,
+    when it is the machine)."""
     import torch
 
-    if model.dtype != torch.bfloat16 or model.device.type != "cpu":
-        return 0
+    if dtype != torch.bfloat16 or device != "cpu":
+        return False
     why = capabilities.packed_bf16()
     if why is not None:
         log.info("engine: bfloat16 products in the plain layout (%s)", why)
-        return 0
-    made = packed_linear_class()
-    swapped = 0
+    return why is None
+
+
+def _is_plain(layer: Any, kind: str) -> bool:
+    import torch
+
+    return (type(layer).__name__ == kind and getattr(layer, "weight", None) is not None
+            and layer.weight.dtype == torch.bfloat16)
+
+
+def _matches(layers: list[Any], kind: str) -> bool:
+    """Whether the packed product of ``layers`` (side by side) adds as their plain products do
+    on this machine (checked once per shape: nlgen.models.capabilities.packed_bf16_matches)."""
+    if kind == "Conv1D":
+        widths, width = tuple(layer.weight.shape[1] for layer in layers), layers[0].weight.shape[0]
+    else:
+        widths, width = tuple(layer.weight.shape[0] for layer in layers), layers[0].weight.shape[1]
+    return capabilities.packed_bf16_matches(widths, width, layers[0].bias is not None, kind)
+
+
+def swap(parent: Any, names: tuple[str, ...], kind: str) -> int:
+    """Replace each submodule ``names`` of ``parent`` that is a plain bfloat16 ``kind``
+    ("Linear": weight (out, in); "Conv1D": transformers', weight (in, out)) by a
+    :class:`PackedLinear` of the same product: how many were replaced."""
+    import torch
+
+    made, swapped = packed_linear_class(), 0
     with torch.no_grad():
-        for block in model.transformer.h:
-            for name in GPT2_LAYERS:
-                layer = block.get_submodule(name)
-                if type(layer).__name__ == "Conv1D":  # weight (in, out)
-                    block.set_submodule(name, made(layer.weight.T, layer.bias))
-                    swapped += 1
-        head = model.lm_head
-        if type(head) is torch.nn.Linear:  # tied: the embeddings keep their own table
-            model.lm_head = made(head.weight, head.bias)
-            swapped += 1
+        for name in names:
+            layer = parent.get_submodule(name)
+            if _is_plain(layer, kind) and _matches([layer], kind):
+                weight = layer.weight.T if kind == "Conv1D" else layer.weight
+                parent.set_submodule(name, made(weight, layer.bias))
+                swapped += 1
     return swapped
+
+
+def joined(layers: list[Any]) -> Any:
+    """One :class:`PackedLinear` for plain bfloat16 ``torch.nn.Linear`` layers that read the
+    same input (their outputs side by side), or None where they are not all such layers or
+    only some have a bias."""
+    import torch
+
+    if not layers or not all(_is_plain(layer, "Linear") for layer in layers) or \
+            len({layer.bias is None for layer in layers}) != 1 or \
+            len({layer.weight.shape[1] for layer in layers}) != 1 or \
+            not _matches(layers, "Linear"):
+        return None
+    weight = torch.cat([layer.weight for layer in layers]) if len(layers) > 1 else \
+        layers[0].weight
+    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+    with torch.no_grad():
+        return packed_linear_class()(weight, bias)

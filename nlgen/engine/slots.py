@@ -82,9 +82,8 @@ _made: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def weights_of(model: Any) -> Any:
-    from nlgen.engine import lean_weights, packed
+    from nlgen.engine import lean_weights
 
     if model not in _made:
-        packed.pack(model)  # bfloat16 GPT-2 on the CPU: its products in oneDNN's layout
         _made[model] = lean_weights.from_model(model)
     return _made[model]

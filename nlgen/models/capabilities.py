@@ -84,32 +84,62 @@ def int4_kernels() -> str | None:
 
 @functools.cache
 def packed_bf16() -> str | None:
-    """None when oneDNN's packed bfloat16 product gives ``addmm``'s exact bits on this machine
-    (one row and several, a bias and none); else why not (nlgen.engine.packed then leaves the
-    weights as they are)."""
+    """None when oneDNN's packed bfloat16 products are here and give the plain products' bits
+    on this machine (:func:`packed_bf16_matches` at one shape); else why not
+    (nlgen.engine.packed then leaves the weights as they are)."""
     import torch
 
-    try:
-        reorder = torch.ops.mkldnn._reorder_linear_weight
-        product = torch.ops.mkldnn._linear_pointwise
-    except (AttributeError, RuntimeError):
+    if not all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight",
+                                                        "_linear_pointwise")):
         return f"torch {torch.__version__} has no packed oneDNN products"
     try:
-        if not (torch.backends.mkldnn.is_available()
+        if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             return "this CPU or torch build has no oneDNN bfloat16"
-        generator = torch.Generator().manual_seed(0)
-        weight = torch.randn(96, 256, generator=generator).to(torch.bfloat16)  # (out, in)
-        bias = torch.randn(96, generator=generator).to(torch.bfloat16)
-        x = torch.randn(5, 256, generator=generator).to(torch.bfloat16)
-        packed = reorder(weight, 1)
-        for rows in (x[:1], x):
-            for b in (bias, None):
-                got = product(rows, packed, b, "none", [], "")
-                want = rows @ weight.T if b is None else torch.addmm(b, rows, weight.T)
-                if not torch.equal(got, want):
-                    return "oneDNN's packed bfloat16 product gave other bits than addmm"
+        if not packed_bf16_matches((96,), 256, True, "Linear"):
+            return "oneDNN's packed bfloat16 product adds in another order than the plain one"
     except (RuntimeError, TypeError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return f"oneDNN's packed bfloat16 product failed on a test weight ({first})"
     return None
+
+
+@functools.cache
+def packed_bf16_matches(widths: tuple[int, ...], in_features: int, bias: bool,
+                        kind: str) -> bool:
+    """Whether one packed product of layers ``widths`` wide side by side (one layer, or q/k/v
+    joined) gives the plain products' bits, for 1 row and for 9, on this machine.
+
+    Checked on weights of these shapes made of 0s and 1s and rows holding 2^24, 1 and -2^24:
+    their sum in float32 is 0 or 1 depending on the order of the additions, so a kernel that
+    adds in another order gives other values in many places. (torch's own ``addmm`` leaves
+    products of fewer than 16^3 multiplications to another kernel than oneDNN's, whose sums
+    differ in a few ulps now and then: such layers stay plain.) ``kind``: "Linear" compares
+    with ``linear(x, W, b)``, "Conv1D" with transformers' ``addmm(b, x, W^T)``."""
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    # (N, K) of 0s and 1s: 11 rows, each its own pattern, repeated (cheap for a 50k-row head).
+    base = ((torch.arange(11)[:, None] * 7 + torch.arange(in_features)[None, :] * 3) % 11
+            != 0).to(torch.bfloat16)
+    weights = [base[torch.arange(n) % 11] for n in widths]
+    biases = [torch.randn(n, generator=generator).to(torch.bfloat16) if bias else None
+              for n in widths]
+    packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), 1)
+    joined_bias = torch.cat(biases) if bias else None  # type: ignore[arg-type]
+    for rows in (1, 9):
+        x = torch.zeros(rows, in_features)
+        for r in range(rows):
+            i, j, k = torch.randperm(in_features, generator=generator)[:3].tolist()
+            x[r, i], x[r, j], x[r, k] = 2.0 ** 24, 1.0, -(2.0 ** 24)
+        x = x.to(torch.bfloat16)
+        if kind == "Conv1D":
+            plain = [torch.addmm(b, x, w.T.contiguous()) if b is not None
+                     else x @ w.T.contiguous() for w, b in zip(weights, biases)]
+        else:
+            plain = [F.linear(x, w, b) for w, b in zip(weights, biases)]
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, joined_bias, "none", [], "")
+        if not torch.equal(got, torch.cat(plain, dim=-1)):
+            return False
+    return True
