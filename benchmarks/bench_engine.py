@@ -10,7 +10,8 @@ Measures, on the same machine in the same run:
      use, nlgen.engine.packed) against transformers' generate() on a second load of the same
      files that nlgen's loop never touched (`--engine transformers`: plain generate()); and
      the same model with `--quantize int8` (int8 rows: other numbers, half the bytes) on
-     nlgen's loop;
+     nlgen's loop; and the built-in model in bfloat16 (`--quantize none`), nlgen's loop on
+     the weights it reads from the files against generate() on transformers' own load;
   3. batches of 1, 8 and 32 prose prompts x 32 tokens on the built-in model, greedy and seeded
      sampling: nlgen's loop (`--engine nlgen`) against generate() (`--engine transformers`),
      the same loaded model and options;
@@ -190,10 +191,13 @@ def main() -> None:  # noqa: C901  (one table, built in order)
             tps(model_of[e], [PROMPT], opts)
         assert type(g2_plain.model.lm_head).__name__ == "Linear", "the baseline was packed"
         g2_speeds: dict[str, list[float]] = {e: [] for e in sides}
-        for _ in range(reps):
+        for _ in range(max(reps, 5)):  # this machine's speed drifts: more pairs, each one's ratio
             for e, opts in sides.items():
                 g2_speeds[e].append(tps(model_of[e], [PROMPT], opts))
         a, b = median(g2_speeds["nlgen"]), median(g2_speeds["transformers"])
+        each = sorted(x / y for x, y in zip(g2_speeds["nlgen"], g2_speeds["transformers"]))
+        notes.append("GPT-2-small bfloat16, each interleaved pair's ratio: "
+                     + ", ".join(f"{r:.2f}x" for r in each))
         add(Row(f"GPT-2-small shapes (random weights, bfloat16), greedy, {n} tokens: nlgen's "
                 "loop vs transformers generate()", f"{a:.1f} tok/s", f"{b:.1f} tok/s",
                 ratio(a, b, "speed")))
@@ -212,6 +216,26 @@ def main() -> None:  # noqa: C901  (one table, built in order)
         add(Row(f"GPT-2-small shapes, `--quantize int8` on nlgen's loop vs bfloat16 generate(), "
                 f"greedy, {n} tokens", f"{a:.1f} tok/s", f"{b:.1f} tok/s", ratio(a, b, "speed")))
         del g2, g2q, g2_plain
+
+    # 2b. the built-in model in bfloat16 (--quantize none): nlgen's loop on the weights it reads
+    # from the files (q/k/v and gate/up packed) vs generate() on transformers' own load
+    bf = loading.load_model("builtin", device="cpu", dtype="bfloat16", quantize="none",
+                            lean_reader=lean_weights.read)
+    bf_plain = loading.load_model("builtin", device="cpu", dtype="bfloat16", quantize="none")
+    bf_sides = {e: (m, GenerationOptions(greedy=True, max_new_tokens=n, min_new_tokens=n,
+                                         engine=e))
+                for e, m in (("nlgen", bf), ("transformers", bf_plain))}
+    for m, opts in bf_sides.values():
+        tps(m, [PROMPT], opts)
+    bf_speeds: dict[str, list[float]] = {e: [] for e in bf_sides}
+    for _ in range(reps):
+        for e, (m, opts) in bf_sides.items():
+            bf_speeds[e].append(tps(m, [PROMPT], opts))
+    a, b = median(bf_speeds["nlgen"]), median(bf_speeds["transformers"])
+    add(Row(f"built-in model in bfloat16 (`--quantize none`), greedy, {n} tokens: nlgen's loop "
+            "vs transformers generate()", f"{a:.1f} tok/s", f"{b:.1f} tok/s",
+            ratio(a, b, "speed")))
+    del bf, bf_plain
 
     # 3. batches on the built-in model: nlgen's loop vs generate(), greedy and sampling
     prompts = prose_prompts(32)

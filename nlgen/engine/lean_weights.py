@@ -228,7 +228,8 @@ def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None,
         return module
 
     attn_bias, mlp_bias = _biases(config)
-    pack_dense = packed.usable(getattr(torch, dtype))  # dense bfloat16: oneDNN's layout
+    # Dense bfloat16 layers in oneDNN's layout (int4 ones have their own kernel).
+    pack_dense = not quantized_parts and packed.usable(getattr(torch, dtype))
     layers = []
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
