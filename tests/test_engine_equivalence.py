@@ -595,3 +595,35 @@ def test_packing_leaves_other_models_alone_and_says_when_the_machine_cannot(monk
     _, got, expected = greedy_both(model)  # and the loop runs on the plain layers
     assert got.tolist() == expected.tolist()
     assert type(model.lm_head).__name__ == "Linear"
+
+
+def test_a_released_weight_leaves_the_process_and_reads_back_unchanged(tmp_path):
+    """nlgen.engine.packed.release: the pages of a memory-mapped weight, once packed, leave
+    this process (RssFile in /proc/self/status falls by the weight's size); reading it again
+    maps them back with the same values. A tensor in torch's own memory is left alone."""
+    import sys
+
+    if sys.platform != "linux":
+        pytest.skip("madvise is Linux's")
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nlgen.engine import packed
+
+    def file_pages_kb() -> int:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(next(ln for ln in f if ln.startswith("RssFile:")).split()[1])
+
+    save_file({"w": torch.randn(4096, 2048).to(torch.bfloat16)}, tmp_path / "w.safetensors")
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        weight = f.get_tensor("w")  # 16 MB, memory-mapped
+    assert not weight.untyped_storage().resizable()
+    own = weight.clone()
+    weight.float().sum()  # every page read
+    read = file_pages_kb()
+    packed.release(weight)
+    assert read - file_pages_kb() > 12_000
+    assert torch.equal(weight, own)  # mapped again, unchanged
+    packed.release(own)
+    assert torch.equal(weight, own)
