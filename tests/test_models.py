@@ -157,3 +157,76 @@ def test_spare_threads_leave_busy_cores_to_other_processes(monkeypatch, others, 
     monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
     assert devices.spare_threads((10.0, 100.0, 5.0), threads) == threads  # the user's choice
     assert devices.spare_threads(None, threads) == threads  # not measured: unchanged
+
+
+# ----------------------------------------------------------------------------- import index
+
+
+def test_the_kept_import_index_is_transformers_own(tmp_path, monkeypatch):
+    """nlgen.models.import_index: the table read back equals the one transformers builds; a
+    changed directory builds it again."""
+    import os
+
+    import transformers
+    from transformers.utils import import_utils
+
+    from nlgen.models import import_index
+
+    monkeypatch.setenv("NLGEN_CACHE", str(tmp_path))
+    models = Path(transformers.__file__).parent / "models"
+    # transformers memoizes the function, and its __init__ adds to the table it got: the
+    # function itself, unmemoized, is the reference.
+    build = getattr(import_utils.define_import_structure, "__wrapped__",
+                    import_utils.define_import_structure)
+    calls = []
+
+    def original(path, prefix=None):
+        calls.append((path, prefix))
+        return build(path, prefix)
+
+    kept = import_index._kept(original, Path(import_utils.__file__))
+    want = build(models, "models")
+    assert kept(models, prefix="models") == want and len(calls) == 1  # built, and kept
+    assert (tmp_path / "transformers-import-index.json").is_file()
+    assert kept(models, prefix="models") == want and len(calls) == 1  # read back
+    llama = models / "llama"
+    assert kept(llama) == build(llama) and len(calls) == 2  # one model's package: as it was
+    assert kept(models, prefix="models") == want and len(calls) == 2  # still kept
+    # A changed directory (transformers reinstalled) is walked again.
+    mine = tmp_path / "site" / "models"
+    shutil.copytree(models / "gpt2", mine / "gpt2")
+    first = kept(mine, prefix="models")
+    assert first == build(mine, "models") and len(calls) == 3
+    assert kept(mine, prefix="models") == first and len(calls) == 3
+    shutil.copytree(models / "llama", mine / "llama")
+    stat = mine.stat()
+    os.utime(mine, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    kept(mine, prefix="models")
+    assert len(calls) == 4  # built again (transformers memoizes its walk within a process)
+
+
+@pytest.mark.slow
+def test_a_process_with_the_kept_index_sees_every_name_transformers_has(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = ("import sys\nfrom nlgen.models import import_index\n"
+              "if sys.argv[1] == 'kept': import_index.install()\n"
+              "import transformers\nfrom transformers import GenerationConfig, LlamaConfig\n"
+              "from transformers import GPT2LMHeadModel\n"
+              "print(len(dir(transformers)), hash(tuple(sorted(dir(transformers)))))")
+    env = {**os.environ, "NLGEN_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
+
+    def names(how: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", script, how], capture_output=True,
+                              text=True, env={**env, "PYTHONHASHSEED": "0"}, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    plain = names("plain")
+    assert names("kept") == plain  # the first builds the index and keeps it
+    assert (tmp_path / "transformers-import-index.json").is_file()
+    assert names("kept") == plain  # the second reads it
