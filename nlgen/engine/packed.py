@@ -2,11 +2,12 @@
 
 A token's step multiplies one row by every weight of the model: the products read the weights
 and do little else. torch's bfloat16 ``addmm``/``linear`` on a weight in its usual layout read
-them at 12-14 GB/s on the 2-core test machine, where the same machine streams 48 GB/s through a
-``sum`` (README "The engine"). The same weights laid out once by
+them at 10-16 GB/s on the 2-core test machine, which sums a bfloat16 tensor at 29-31 GB/s
+(benchmarks/bench_products.py). The same weights laid out once by
 ``torch.ops.mkldnn._reorder_linear_weight`` (oneDNN's blocked format) are read by
-``torch.ops.mkldnn._linear_pointwise`` in ~55% of the time: 48 products of GPT-2-small's shapes,
-8.1 instead of 14.0 ms, and faster at 20 and 200 rows as well. It is the same oneDNN
+``torch.ops.mkldnn._linear_pointwise`` in about 60% of the time: GPT-2-small's 48 block
+products 7.9-9.1 ms instead of 13.0-16.3 ms a token, its LM head 2.2-3.5 instead of 4.6-5.4
+ms, and faster at 20 rows as well (three runs of that script). It is the same oneDNN
 arithmetic (float32 sums in the same order, rounded once to bfloat16): the outputs are
 ``addmm``'s bit for bit. nlgen.models.capabilities checks that once per process, and once per
 shape of product before a layer of that shape is packed (rows built so that any other order
