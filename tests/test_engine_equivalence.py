@@ -74,7 +74,8 @@ def build(name: str, dtype: str = "float32"):
                 "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[family]
         config, cls = make[0](**{**sizes, **overrides}), make[1]
     torch.manual_seed(0)
-    model = cls(config).eval().to(getattr(torch, dtype))
+    # As nlgen loads a model to generate: for inference only, nothing requires grad.
+    model = cls(config).eval().to(getattr(torch, dtype)).requires_grad_(False)
     # No EOS: every run makes all its tokens.
     model.generation_config = tf.GenerationConfig(pad_token_id=0)
     return model
@@ -558,6 +559,7 @@ def test_a_packed_llama_is_the_same_model_from_the_files_and_in_place(tmp_path):
     # Loaded as a user's model is (a model cast with .to() would have its RoPE frequencies in
     # bfloat16 too; a loaded one keeps them in float32, as the weights read from the files do).
     model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    model.requires_grad_(False)  # as nlgen loads a model to generate
     model.generation_config = greedy_config()
     model.generation_config.save_pretrained(tmp_path)
     ids = prompt(40, seed=3)
@@ -587,6 +589,8 @@ def test_packing_leaves_other_models_alone_and_says_when_the_machine_cannot(monk
     assert lean_weights.pack(build(WIDER_GPT2)) == 0  # float32: its own products
     training = build(WIDER_GPT2, "bfloat16").train()
     assert lean_weights.pack(training) == 0
+    trainable = build(WIDER_GPT2, "bfloat16").requires_grad_(True)  # eval mode, but trainable
+    assert lean_weights.pack(trainable) == 0
     monkeypatch.setattr(packed.capabilities, "packed_bf16", lambda: "no oneDNN here")
     model = build(WIDER_GPT2, "bfloat16")
     with caplog.at_level(logging.INFO, logger="nlgen"):

@@ -212,7 +212,10 @@ def _load_pretrained(
     base = adapter_base_source(Path(source)) if Path(source).is_dir() else None
 
     def full() -> tuple[Any, str]:
-        return readers.full_model(source, device, dtype, quantize, cache, kwargs, base)
+        model, kind = readers.full_model(source, device, dtype, quantize, cache, kwargs, base)
+        if purpose == "generate":  # for inference only (nlgen.engine.packed relies on it)
+            model.requires_grad_(False)
+        return model, kind
 
     if Path(source).is_dir():
         readers.check_tokenizer_files(Path(source), display)
