@@ -626,8 +626,16 @@ def test_a_released_weight_leaves_the_process_and_reads_back_unchanged(tmp_path)
     own = weight.clone()
     weight.float().sum()  # every page read
     read = file_pages_kb()
-    packed.release(weight)
+    packed.release([weight])
     assert read - file_pages_kb() > 12_000
     assert torch.equal(weight, own)  # mapped again, unchanged
-    packed.release(own)
+    packed.release([own])  # torch's own memory
     assert torch.equal(weight, own)
+    # Memory that is not a read-only mapping of a file (DONTNEED would zero it) is left alone.
+    import numpy as np
+
+    array = np.ones((4096, 1024), dtype=np.float32)  # 16 MB of anonymous memory
+    borrowed = torch.from_numpy(array)
+    assert not borrowed.untyped_storage().resizable()
+    packed.release([borrowed])
+    assert bool((borrowed == 1).all())

@@ -124,21 +124,38 @@ def swap(parent: Any, names: tuple[str, ...], kind: str) -> int:
     return swapped
 
 
-def release(tensor: Any) -> None:
-    """Hand back the pages of a memory-mapped tensor that nothing reads any more: on Linux,
-    ``madvise(MADV_DONTNEED)`` over the whole pages inside it drops them from this process
-    (they stay in the page cache; a later read maps them again, unchanged: the mapping is of
-    a file opened read-only). A tensor in torch's own memory (freed with it), or another
-    system: nothing to do."""
-    if sys.platform != "linux" or tensor.untyped_storage().resizable():
+def release(tensors: list[Any]) -> None:
+    """Hand back the pages of memory-mapped tensors that nothing reads any more: on Linux,
+    ``madvise(MADV_DONTNEED)`` over the whole pages inside each drops them from this process
+    (they stay in the page cache; a later read maps them again, unchanged).
+
+    Only where the pages belong to a mapping of a file (``/proc/self/maps``), as safetensors
+    makes them (private, copy-on-write: a page nobody wrote is read from the file again;
+    nlgen never writes its weights). Anywhere else (torch's own memory, freed with the tensor;
+    anonymous memory from elsewhere, whose pages DONTNEED would zero) nothing is done, as on
+    other systems."""
+    if sys.platform != "linux":
         return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: neighbours stay
-    last = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
+    spans = []
+    for tensor in tensors:
+        start = tensor.data_ptr()
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: neighbours stay
+        last = (start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first and not tensor.untyped_storage().resizable():
+            spans.append((first, last))
+    if not spans:
+        return
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            files = [(int(low, 16), int(high, 16)) for low, high, inode in
+                     ((*line.split()[0].split("-"), line.split()[4]) for line in f)
+                     if inode != "0"]
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # DONTNEED
+    except (OSError, ValueError, IndexError):
+        return
+    for first, last in spans:
+        if any(low <= first and last <= high for low, high in files):
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # DONTNEED
 
 
 def joined(layers: list[Any]) -> Any:
@@ -157,6 +174,5 @@ def joined(layers: list[Any]) -> Any:
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
     with torch.no_grad():
         product = packed_linear_class()(weight, bias)
-    for layer in layers:
-        release(layer.weight)
+    release([layer.weight for layer in layers])
     return product
