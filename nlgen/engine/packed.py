@@ -59,9 +59,13 @@ def packed_linear_class() -> type:
             def __init__(self, weight: Any, bias: Any) -> None:
                 super().__init__()
                 self.out_features, self.in_features = weight.shape
+                # oneDNN reorders from a transposed view as well (Conv1D's (in, out) weight):
+                # no contiguous copy first (2.8 instead of 4.7 ms for 768 x 3072).
+                weight = weight.detach()
+                if not (weight.is_contiguous() or weight.T.is_contiguous()):
+                    weight = weight.contiguous()
                 # An opaque tensor: a plain attribute, out of state_dict() and to().
-                self.packed = torch.ops.mkldnn._reorder_linear_weight(
-                    weight.detach().contiguous(), 1)
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
                 self.bias = bias
 
             def forward(self, x: Any) -> Any:
