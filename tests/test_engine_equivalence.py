@@ -503,6 +503,9 @@ def test_packed_products_are_addmms_bits_at_gpt2_small_shapes():
     g = torch.Generator().manual_seed(0)
     for (inp, out), bias in (((768, 2304), True), ((768, 768), True), ((768, 3072), True),
                              ((3072, 768), True), ((768, 50257), False)):
+        if not capabilities.packed_bf16_matches((out,), inp, bias, "Conv1D" if bias else
+                                                "Linear"):
+            continue  # this machine's check keeps the shape plain: the engine never packs it
         weight = (torch.randn(inp, out, generator=g) * 0.02).to(torch.bfloat16)  # (in, out)
         b = (torch.randn(out, generator=g) * 0.02).to(torch.bfloat16) if bias else None
         layer = made(weight.T, b)
