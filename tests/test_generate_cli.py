@@ -298,10 +298,18 @@ def test_closed_pipe_ends_quietly(tiny_model):
 
 
 def test_ctrl_c_exits_130_with_output_intact(tiny_model):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nlgen", "generate", "--model", str(tiny_model), "-n", "20",
-         "--batch-size", "1", "--format", "jsonl"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    # A terminal's foreground job gets Ctrl-C; a background one (`cmd &` in a script, as some
+    # CI runners start the tests) inherits SIGINT ignored, and a child keeps ignoring it. Start
+    # the child as the foreground job it stands for: this process's own handler is not
+    # inherited, so the child starts with the default one.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nlgen", "generate", "--model", str(tiny_model), "-n", "20",
+             "--batch-size", "1", "--format", "jsonl"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert proc.stdin and proc.stdout
     # Feed prompts slowly so the process is busy when the interrupt arrives.
     proc.stdin.write(b"".join(b"The fox %d\n" % i for i in range(3)))
