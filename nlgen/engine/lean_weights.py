@@ -231,8 +231,10 @@ def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None,
         return module
 
     attn_bias, mlp_bias = _biases(config)
-    # Dense bfloat16 layers in oneDNN's layout (int4 ones have their own kernel).
-    pack_dense = not quantized_parts and packed.usable(getattr(torch, dtype))
+    # Dense bfloat16 layers in oneDNN's layout (int4 ones have their own kernel), their pages
+    # in the file's mapping handed back once packed.
+    mappings = packed.file_mappings() \
+        if not quantized_parts and packed.usable(getattr(torch, dtype)) else None
     layers = []
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -242,10 +244,10 @@ def from_files(directory: Path, dtype: str, int4: dict[str, Any] | None,
               for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
             *(linear(p + "mlp." + n, bias=mlp_bias) for n in ("gate_proj", "up_proj",
                                                                "down_proj")),
-            pack=pack_dense))
+            mappings=mappings))
     head = linear("lm_head", "model.embed_tokens" if tied else None)
-    if pack_dense:  # tied: its own packed copy; the table stays for the lookups
-        head = packed.joined([head]) or head
+    if mappings is not None:  # tied: its own packed copy; the table stays for the lookups
+        head = packed.joined([head], mappings) or head
     rope = raw.get("rope_parameters") or {}
     base = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -306,16 +308,17 @@ class _Layer:
 
     def __init__(self, input_norm: Any, post_norm: Any, q_proj: Any, k_proj: Any, v_proj: Any,
                  o_proj: Any, gate_proj: Any, up_proj: Any, down_proj: Any,
-                 pack: bool = False) -> None:
-        """``pack``: the layers are nlgen's own (read from the files) and dense bfloat16 ones
-        are to be packed (nlgen.engine.packed), q/k/v and gate/up each as one product; the
-        plain weights are then let go, and the packed products serve every number of rows."""
+                 mappings: list[tuple[int, int]] | None = None) -> None:
+        """``mappings`` (not None): the layers are nlgen's own (read from the files, whose
+        mappings these are) and dense bfloat16 ones are to be packed (nlgen.engine.packed),
+        q/k/v and gate/up each as one product; the plain weights are then let go, and the
+        packed products serve every number of rows."""
         self.input_norm, self.post_norm = input_norm, post_norm
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.sizes = (q_proj.out_features, k_proj.out_features)
         self.gate_width = gate_proj.out_features
-        joined = [packed.joined(group) if pack else None
+        joined = [packed.joined(group, mappings) if mappings is not None else None
                   for group in ([q_proj, k_proj, v_proj], [gate_proj, up_proj], [o_proj],
                                 [down_proj])]
         self.packed = all(product is not None for product in joined)
