@@ -8,6 +8,7 @@ anything unexpected -> 1 with a hint to set NLGEN_DEBUG=1 for the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -151,28 +152,26 @@ def _lost_peer(kwargs: dict[str, Any]) -> NlgenError | None:
         return None
 
 
-@contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt() -> contextlib.AbstractContextManager[None]:
     """SIGTERM (what schedulers, containers and launchers send before a kill) does what Ctrl-C
     does: the command stops cleanly, with exit code 130, and finetune saves a checkpoint."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return _on_sigterm(_interrupt)
+
+
+def terminate_noted() -> contextlib.AbstractContextManager[None]:
+    """A SIGTERM is only noted, not acted on, until the block ends: around a command's failure
+    mapping, which is short and ends the process."""
+    return _on_sigterm(_note_terminate)
 
 
 @contextmanager
-def terminate_noted() -> Iterator[None]:
-    """A SIGTERM is only noted, not acted on, until the block ends (the previous handler is
-    then put back): around a command's failure mapping, which is short and ends the process."""
+def _on_sigterm(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` for SIGTERM inside the block, the previous one put back after (only the
+    main thread may set handlers; elsewhere nothing changes)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _note_terminate)
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:

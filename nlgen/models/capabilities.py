@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from nlgen.errors import first_line
+
 log = logging.getLogger("nlgen")
 
 
@@ -40,7 +42,7 @@ def sdpa_gqa() -> bool:
         ok = bool(torch.allclose(got, want, atol=1e-5))
     except (TypeError, RuntimeError) as exc:  # an older torch: no such flag
         log.info("engine: attention repeats k/v heads (this torch's SDPA has no enable_gqa: "
-                 "%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                 "%s)", first_line(exc))
         return False
     if not ok:
         log.info("engine: attention repeats k/v heads (SDPA's enable_gqa gave other numbers)")
@@ -77,8 +79,7 @@ def int4_kernels() -> str | None:
         if not torch.allclose(got, want, rtol=2e-2, atol=0.5):
             return "torch's CPU int4 kernel gave other numbers than its dequantized weight"
     except (RuntimeError, TypeError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return f"torch's CPU int4 kernels failed on a test weight ({first})"
+        return f"torch's CPU int4 kernels failed on a test weight ({first_line(exc)})"
     return None
 
 
@@ -99,8 +100,7 @@ def packed_bf16() -> str | None:
         if not packed_bf16_matches((96,), 256, True, "Linear"):
             return "oneDNN's packed bfloat16 product adds in another order than the plain one"
     except (RuntimeError, TypeError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return f"oneDNN's packed bfloat16 product failed on a test weight ({first})"
+        return f"oneDNN's packed bfloat16 product failed on a test weight ({first_line(exc)})"
     return None
 
 
