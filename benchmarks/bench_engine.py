@@ -137,6 +137,17 @@ def main() -> None:  # noqa: C901  (one table, built in order)
             pass
         return stats.new_tokens / stats.seconds
 
+    def interleaved(sides: dict[str, tuple], rounds: int) -> dict[str, list[float]]:
+        """Each side (name -> (model, options)) warmed up once, then ``rounds`` rounds of one
+        run of each in turn: tokens/s per side, per round."""
+        for model, opts in sides.values():
+            tps(model, [PROMPT], opts)
+        speeds: dict[str, list[float]] = {name: [] for name in sides}
+        for _ in range(rounds):
+            for name, (model, opts) in sides.items():
+                speeds[name].append(tps(model, [PROMPT], opts))
+        return speeds
+
     # 1. one prompt: greedy, default sampling, top-p + no-repeat n-grams; llama-bench tg{n}
     modes = {
         "greedy": GenerationOptions(greedy=True, max_new_tokens=n, min_new_tokens=n),
@@ -184,16 +195,13 @@ def main() -> None:  # noqa: C901  (one table, built in order)
         # too; the baseline is transformers on a model nlgen's loop never touched.
         g2 = loading.load_model(str(path), device="cpu", dtype="bfloat16")
         g2_plain = loading.load_model(str(path), device="cpu", dtype="bfloat16")
-        sides = {e: GenerationOptions(greedy=True, max_new_tokens=n, min_new_tokens=n, engine=e)
-                 for e in ("nlgen", "transformers")}
-        model_of = {"nlgen": g2, "transformers": g2_plain}
-        for e, opts in sides.items():
-            tps(model_of[e], [PROMPT], opts)
+        greedy_on = {e: GenerationOptions(greedy=True, max_new_tokens=n, min_new_tokens=n,
+                                          engine=e) for e in ("nlgen", "transformers")}
+        # This machine's speed drifts: more pairs, and each one's ratio in the notes.
+        g2_speeds = interleaved({"nlgen": (g2, greedy_on["nlgen"]),
+                                 "transformers": (g2_plain, greedy_on["transformers"])},
+                                max(reps, 5))
         assert type(g2_plain.model.lm_head).__name__ == "Linear", "the baseline was packed"
-        g2_speeds: dict[str, list[float]] = {e: [] for e in sides}
-        for _ in range(max(reps, 5)):  # this machine's speed drifts: more pairs, each one's ratio
-            for e, opts in sides.items():
-                g2_speeds[e].append(tps(model_of[e], [PROMPT], opts))
         a, b = median(g2_speeds["nlgen"]), median(g2_speeds["transformers"])
         each = sorted(x / y for x, y in zip(g2_speeds["nlgen"], g2_speeds["transformers"]))
         notes.append("GPT-2-small bfloat16, each interleaved pair's ratio: "
@@ -205,14 +213,9 @@ def main() -> None:  # noqa: C901  (one table, built in order)
         # the bytes a token) on nlgen's loop, against the same bfloat16 generate() baseline,
         # interleaved with it.
         g2q = loading.load_model(str(path), device="cpu", quantize="int8")
-        quick = GenerationOptions(greedy=True, max_new_tokens=n, min_new_tokens=n,
-                                  engine="nlgen")
-        tps(g2q, [PROMPT], quick)
-        q_speeds, base = [], []
-        for _ in range(reps):
-            q_speeds.append(tps(g2q, [PROMPT], quick))
-            base.append(tps(g2_plain, [PROMPT], sides["transformers"]))
-        a, b = median(q_speeds), median(base)
+        q_speeds = interleaved({"int8": (g2q, greedy_on["nlgen"]),
+                                "transformers": (g2_plain, greedy_on["transformers"])}, reps)
+        a, b = median(q_speeds["int8"]), median(q_speeds["transformers"])
         add(Row(f"GPT-2-small shapes, `--quantize int8` on nlgen's loop vs bfloat16 generate(), "
                 f"greedy, {n} tokens", f"{a:.1f} tok/s", f"{b:.1f} tok/s", ratio(a, b, "speed")))
         del g2, g2q, g2_plain
@@ -222,15 +225,8 @@ def main() -> None:  # noqa: C901  (one table, built in order)
     bf = loading.load_model("builtin", device="cpu", dtype="bfloat16", quantize="none",
                             lean_reader=lean_weights.read)
     bf_plain = loading.load_model("builtin", device="cpu", dtype="bfloat16", quantize="none")
-    bf_sides = {e: (m, GenerationOptions(greedy=True, max_new_tokens=n, min_new_tokens=n,
-                                         engine=e))
-                for e, m in (("nlgen", bf), ("transformers", bf_plain))}
-    for m, opts in bf_sides.values():
-        tps(m, [PROMPT], opts)
-    bf_speeds: dict[str, list[float]] = {e: [] for e in bf_sides}
-    for _ in range(reps):
-        for e, (m, opts) in bf_sides.items():
-            bf_speeds[e].append(tps(m, [PROMPT], opts))
+    bf_speeds = interleaved({"nlgen": (bf, greedy_on["nlgen"]),
+                             "transformers": (bf_plain, greedy_on["transformers"])}, reps)
     a, b = median(bf_speeds["nlgen"]), median(bf_speeds["transformers"])
     add(Row(f"built-in model in bfloat16 (`--quantize none`), greedy, {n} tokens: nlgen's loop "
             "vs transformers generate()", f"{a:.1f} tok/s", f"{b:.1f} tok/s",
