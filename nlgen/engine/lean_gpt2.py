@@ -67,7 +67,7 @@ def _conv(x: Any, layer: Any) -> Any:
     import torch
 
     if type(layer).__name__ != "Conv1D":
-        return layer(x)
+        return layer.forward(x)  # the module's own computation, without its call machinery
     out = torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight)  # (M, out)
     return out.view(*x.shape[:-1], -1)
 

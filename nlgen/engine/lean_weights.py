@@ -322,8 +322,9 @@ class _Layer:
                   for group in ([q_proj, k_proj, v_proj], [gate_proj, up_proj], [o_proj],
                                 [down_proj])]
         self.packed = all(product is not None for product in joined)
-        if self.packed:
-            self.fused_qkv, self.fused_gate_up, self.direct_o, self.direct_down = joined
+        if self.packed:  # called as the int4 products are, without the module machinery
+            self.fused_qkv, self.fused_gate_up, self.direct_o, self.direct_down = (
+                product.forward for product in joined)
             self.q_proj = self.k_proj = self.v_proj = self.o_proj = None
             self.gate_proj = self.up_proj = self.down_proj = None
             return
